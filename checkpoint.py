@@ -1,0 +1,283 @@
+"""
+Reading and writing LLaVA checkpoints in every layout people have on disk (DESIGN.md §4).
+
+No weights are ever held twice: the model is built on the meta device (shapes only, no memory), then each
+tensor is read from disk, cast to the target dtype and placed on the target device one at a time, so a 7B
+model loads in about its own size of RAM. Every key is checked: an unexpected, missing or mis-shaped key is
+an error naming the file and the key. Only keys known to be unused are skipped, on purpose.
+
+    layout        config.json                     weights
+    ours          "format": "llava-from-scratch"  model.safetensors (everything, CLIP included)
+    liuhaotian    LLaMA keys + mm_* keys          LLaMA + model.mm_projector.* shards; CLIP from its own dir
+    stage 1       same, no LLM weights            mm_projector.bin, on top of a base LLM dir and a CLIP dir
+    llava-hf      text_config + vision_config     language_model.* / vision_tower.* / multi_modal_projector.*
+"""
+import json
+import os
+import pickle
+import shutil
+import zipfile
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+import vit
+from llama import LlamaConfig
+from vit import VisionConfig
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be loaded; the message is one line naming the file (and key)."""
+
+
+# ----------------------------------------------------------------------------------------------- file formats
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """Yield (key, tensor) from a .safetensors file, reading one tensor at a time (no mmap of the whole file).
+    Format: 8-byte little-endian header length, a JSON header {key: {dtype, shape, data_offsets}}, raw bytes."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8 or 8 + n > size:
+            raise CheckpointError(f"{path}: truncated or not a safetensors file ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise CheckpointError(f"{path}: not a safetensors file (unreadable header)") from None
+        header.pop("__metadata__", None)
+        for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            start, end = info["data_offsets"]
+            if 8 + n + end > size:
+                raise CheckpointError(f"{path}: truncated: tensor {key} ends at byte {8 + n + end}, file has {size}")
+            buf = torch.empty(end - start, dtype=torch.uint8)
+            f.seek(8 + n + start)
+            f.readinto(memoryview(buf.numpy()))
+            yield key, buf.view(DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+def write_safetensors(tensors: dict, path, metadata=None):
+    """Write tensors one at a time (safetensors.torch.save_file would first copy them all into one buffer).
+    Written to a temporary name and renamed, so a crash never leaves a half-written file under `path`."""
+    names = {v: k for k, v in DTYPES.items()}
+    header, offset = {"__metadata__": metadata or {"format": "pt"}}, 0
+    for k, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        header[k] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)                               # pad so the data starts 8-byte aligned
+    with open(path + ".tmp", "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for t in tensors.values():
+            f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+    os.replace(path + ".tmp", path)
+
+
+def read_bin(path):
+    """Yield (key, tensor) from a pickled PyTorch state dict, only through torch.load(weights_only=True)."""
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)   # lazily paged in
+        except RuntimeError as e:                  # pre-1.6 (non-zip) files cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refused: it needs more than torch.load(weights_only=True) allows "
+                              f"({str(e).splitlines()[0][:160]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path}: unreadable PyTorch file ({str(e).splitlines()[0][:160]})") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: not a flat state dict of tensors")
+    yield from sd.items()
+
+
+def read_tensors(path):
+    return read_safetensors(path) if path.endswith(".safetensors") else read_bin(path)
+
+
+def weight_files(d):
+    """The weight files of an HF-style checkpoint dir: one file, or the shards an index names."""
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if os.path.exists(os.path.join(d, index)):
+            shards = sorted(set(read_json(os.path.join(d, index))["weight_map"].values()))
+            return [os.path.join(d, s) for s in shards]
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.exists(os.path.join(d, single)):
+            return [os.path.join(d, single)]
+    raise CheckpointError(f"{d}: no model.safetensors, pytorch_model.bin or shard index")
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except ValueError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+
+
+# -------------------------------------------------------------------------------------- key maps per layout
+# Each maps a checkpoint key to our parameter name, or to None for a key that is unused on purpose.
+def clip_key(k):                          # HF CLIP (CLIPModel or CLIPVisionModel) -> vision_tower.*
+    sub = vit.hf_key(k)
+    return None if sub is None else "vision_tower." + sub
+
+
+def liuhaotian_key(k):                    # LLaVA repo shards, mm_projector.bin, and plain HF LLaMA/Vicuna
+    if k.endswith(".inv_freq") or k.startswith("model.vision_tower."):
+        return None   # RoPE buffers old checkpoints saved; the frozen CLIP copy in self-trained shards (#672)
+    if "mm_projector." in k:              # strip everything up to "mm_projector.", as the official loader does
+        return "mm_projector." + k.split("mm_projector.", 1)[1]
+    return "language_model." + k if k.startswith(("model.", "lm_head.")) else k
+
+
+def llava_hf_key(k):                      # llava-hf: published layout and the transformers-5 save layout
+    for old, new in (("model.language_model.", "language_model.model."), ("language_model.model.", None),
+                     ("language_model.lm_head.", "language_model.lm_head."), ("lm_head.", "language_model.lm_head.")):
+        if k.startswith(old):
+            return (new or old) + k[len(old):]
+    for old in ("model.vision_tower.", "vision_tower."):
+        if k.startswith(old):
+            return clip_key(k[len(old):])
+    for old in ("model.multi_modal_projector.", "multi_modal_projector."):
+        if k.startswith(old):
+            return "mm_projector." + k[len(old):].replace("linear_1.", "0.").replace("linear_2.", "2.")
+    return None if k.endswith(".inv_freq") else k
+
+
+# ------------------------------------------------------------------------------------------------- loading
+def load_weights(model, sources, dtype, device):
+    """sources: [(files, key_map)]. Fill the meta-device `model` tensor by tensor, checking every key."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    tied = model.cfg.text.tie_word_embeddings
+    head = "language_model.lm_head.weight"
+    if tied:
+        expected.pop(head)                # tied to the embedding: checkpoints store it once, or not at all
+    seen = set()
+    files = [(f, key_map) for fs, key_map in sources for f in fs]
+    for path, key_map in tqdm(files, desc="loading shards", disable=len(files) < 2):
+        for key, t in read_tensors(path):
+            name = key_map(key)
+            if name is None or (tied and name == head):
+                continue
+            if name not in expected:
+                raise CheckpointError(f"{path}: unexpected key {key}")
+            if tuple(t.shape) != tuple(expected[name]):
+                raise CheckpointError(f"{path}: key {key} has shape {list(t.shape)}, expected {list(expected[name])}")
+            module_name, _, leaf = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+            if leaf in module._parameters:
+                setattr(module, leaf, nn.Parameter(t, requires_grad=module._parameters[leaf].requires_grad))
+            else:
+                module._buffers[leaf] = t
+            seen.add(name)
+    missing = [k for k in expected if k not in seen]
+    if missing:
+        where = ", ".join(sorted({os.path.dirname(f) or "." for f, _ in files}))
+        raise CheckpointError(f"{where}: missing key {missing[0]}" +
+                              (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if tied:
+        model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+
+
+def find_dir(name, base, what, arg):
+    """A component directory named by a config (relative to the cwd or to the checkpoint) or an argument."""
+    for cand in (name, os.path.join(base, name or "")):
+        if name and os.path.isdir(cand):
+            return cand
+    raise CheckpointError(f"{base}/config.json: {what} {name!r} is not a local directory; pass {arg}=<dir>")
+
+
+def clip_config(d):
+    pre = os.path.join(d, "preprocessor_config.json")
+    return VisionConfig.from_hf(read_json(os.path.join(d, "config.json")),
+                                read_json(pre) if os.path.exists(pre) else None)
+
+
+def liuhaotian_config(d, vision, config_cls, conv_template):
+    if d.get("mm_use_im_start_end") or d.get("mm_patch_merge_type", "flat") != "flat":
+        raise CheckpointError("config.json: image start/end tokens and LLaVA-1.6 anyres are not supported")
+    return config_cls(vision=vision, text=LlamaConfig.from_hf(d), projector_type=d.get("mm_projector_type", "linear"),
+                      vision_feature_layer=d.get("mm_vision_select_layer", -1),   # official defaults
+                      vision_feature_select=d.get("mm_vision_select_feature", "patch"),
+                      image_aspect_ratio=d.get("image_aspect_ratio", "square"),  # missing: crop, as official
+                      conv_template=conv_template)
+
+
+def llava_hf_config(d, config_cls):
+    layer = d.get("vision_feature_layer", -2)
+    if not isinstance(layer, int) or d.get("projector_hidden_act", "gelu") != "gelu" or \
+            not d.get("multimodal_projector_bias", True):
+        raise CheckpointError("config.json: only one feature layer and a biased GELU projector are supported")
+    vc = d.get("vision_config")        # absent: CLIP-L/336, as LlavaConfig's default (hf-parity.md §3)
+    return config_cls(vision=VisionConfig() if vc is None else VisionConfig.from_hf(vc),
+                      text=LlamaConfig.from_hf(d.get("text_config") or {}), projector_type="mlp2x_gelu",
+                      vision_feature_layer=layer,
+                      vision_feature_select={"default": "patch", "full": "cls_patch"}[
+                          d.get("vision_feature_select_strategy", "default")])
+
+
+def load_llava(cls, path, vision_tower=None, dtype=None, device=None, model_base=None):
+    from model import LlavaConfig, default_device, default_dtype
+    path = str(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    d = read_json(os.path.join(path, "config.json"))
+    base = path                                                        # where tokenizer.model is looked for
+    if d.get("format") == "llava-from-scratch":                        # ours
+        cfg, sources = LlavaConfig.from_dict(d), [(weight_files(path), lambda k: k)]
+    elif "text_config" in d or "vision_config" in d:                   # llava-hf
+        cfg, sources = llava_hf_config(d, LlavaConfig), [(weight_files(path), llava_hf_key)]
+    elif any(k.startswith("mm_") for k in d):                          # liuhaotian: full model or stage-1 dir
+        clip = find_dir(vision_tower or d.get("mm_vision_tower") or d.get("vision_tower"), path, "vision tower",
+                        "vision_tower")
+        projector = [os.path.join(path, f) for f in ("mm_projector.safetensors", "mm_projector.bin")
+                     if os.path.exists(os.path.join(path, f))][:1]
+        has_llm = any(os.path.exists(os.path.join(path, f)) for f in (
+            "model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json"))
+        if has_llm:                        # a full LLaVA, trained with the vicuna_v1 template
+            cfg = liuhaotian_config(d, clip_config(clip), LlavaConfig, "vicuna_v1")
+            sources = [(weight_files(path), liuhaotian_key)]
+        elif projector:                    # stage 1: a projector on top of a base LLM, trained with `plain`
+            base = find_dir(model_base or d.get("_name_or_path"), path, "base LLM", "model_base")
+            mm = {k: v for k, v in d.items() if k.startswith(("mm_", "image_"))}
+            cfg = liuhaotian_config(read_json(os.path.join(base, "config.json")) | mm, clip_config(clip),
+                                    LlavaConfig, "plain")
+            sources = [(weight_files(base), liuhaotian_key), (projector, liuhaotian_key)]
+        else:
+            raise CheckpointError(f"{path}: no weights (no model files and no mm_projector.bin)")
+        sources.append((weight_files(clip), clip_key))
+    elif d.get("model_type") == "llama":
+        raise CheckpointError(f"{path}: a plain LLaMA checkpoint, not a LLaVA; start from it with "
+                              f"`train.py --stage 1`, or pass it as model_base for a stage-1 projector")
+    else:
+        raise CheckpointError(f"{path}/config.json: not a LLaVA checkpoint layout this loader knows")
+    device = device or default_device()
+    with torch.device("meta"):                                         # shapes only: nothing allocated
+        model = cls(cfg)
+    load_weights(model, sources, dtype or default_dtype(device), device)
+    model.tokenizer_path = next((p for p in (os.path.join(path, "tokenizer.model"),
+                                             os.path.join(base, "tokenizer.model")) if os.path.exists(p)), None)
+    return model.eval()
+
+
+def save_llava(model, directory, tokenizer_path=None):
+    os.makedirs(directory, exist_ok=True)
+    sd = model.state_dict()
+    if model.cfg.text.tie_word_embeddings:
+        sd.pop("language_model.lm_head.weight")
+    write_safetensors(sd, os.path.join(directory, "model.safetensors"))
+    with open(os.path.join(directory, "config.json.tmp"), "w") as f:
+        json.dump(model.cfg.to_dict(), f, indent=2)
+    os.replace(os.path.join(directory, "config.json.tmp"), os.path.join(directory, "config.json"))
+    target = os.path.join(directory, "tokenizer.model")
+    if tokenizer_path and os.path.abspath(tokenizer_path) != os.path.abspath(target):
+        shutil.copyfile(tokenizer_path, target)

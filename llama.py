@@ -1,0 +1,246 @@
+"""
+The LLaMA decoder that LLaVA-1.5 builds on (Vicuna v1.5 has the LLaMA-2 architecture), in plain PyTorch.
+
+    tokens ─embed─▶ N × [ x += Attn(RMSNorm(x)) ; x += SwiGLU(RMSNorm(x)) ] ─RMSNorm─▶ lm_head ─▶ logits
+
+Module and parameter names follow Hugging Face's LlamaForCausalLM (`model.layers.3.self_attn.q_proj.weight`),
+so every HF LLaMA/Vicuna checkpoint, and the LLM half of every LLaVA checkpoint, loads without renaming.
+RoPE uses HF's rotate-half layout, the one those checkpoints are stored in, so q/k need no permutation.
+References: Touvron et al. 2023 (LLaMA-2); transformers/models/llama/modeling_llama.py.
+"""
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32        # < num_attention_heads means grouped-query attention (GQA)
+    head_dim: int = 0                    # 0: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False    # LLaMA-2/Vicuna/LLaVA keep a separate lm_head
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 0                # LLaVA pads with <unk> (id 0), train.py's `pad_token = unk_token`
+
+    def __post_init__(self):
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "LlamaConfig":
+        """From an HF llama config.json (or a LLaVA one, which is a LlamaConfig with extra keys)."""
+        # Missing keys take HF's LlamaConfig class defaults, not Vicuna's: HF config.json files list only
+        # non-default values (reference/hf-parity.md §3).
+        hf = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, rms_norm_eps=1e-6, max_position_embeddings=2048,
+                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2) | d
+        if hf.get("hidden_act", "silu") != "silu" or hf.get("attention_bias") or hf.get("mlp_bias"):
+            raise ValueError("only LLaMA with SiLU and bias-free linears is supported")
+        rope = hf.get("rope_parameters") or {}           # transformers 5 keeps RoPE settings here
+        scaling = hf.get("rope_scaling") or rope
+        if scaling.get("rope_type", scaling.get("type", "default")) != "default":
+            raise ValueError(f"RoPE scaling {scaling} is not supported (LLaVA-1.5 uses none)")
+        eos, pad = hf["eos_token_id"], hf.get("pad_token_id")
+        kw = {f.name: hf[f.name] for f in fields(cls) if hf.get(f.name) is not None}
+        kw.update(num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+                  rope_theta=rope.get("rope_theta") or hf.get("rope_theta") or 10000.0,
+                  eos_token_id=eos[0] if isinstance(eos, list) else eos, pad_token_id=0 if pad is None else pad)
+        return cls(**kw)
+
+
+PRESETS = {
+    "vicuna-7b-v1.5": LlamaConfig(),
+    "vicuna-13b-v1.5": LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                                   num_attention_heads=40, num_key_value_heads=40),
+    # the Shapes world's language model (DESIGN.md §5), pretrained by `train.py --stage 0`
+    "shapes-tiny": LlamaConfig(vocab_size=1024, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+                               num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32, cast back *before* the weight multiply: the op order HF uses, which is what makes
+        # bf16/fp16 outputs match it bitwise (reference/hf-parity.md §4)
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rope_cos_sin(positions, head_dim, theta, dtype):
+    """cos/sin of the rotary angles for integer positions (B, T) -> two (B, T, head_dim) tensors."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    freqs = positions[..., None].float() * inv_freq                   # (B, T, hd/2), in fp32 as HF does
+    emb = torch.cat([freqs, freqs], dim=-1)                            # (B, T, hd): rotate-half layout
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, nh, T, hd). Rotate-half pairs dimension i with i + hd/2 (HF layout); Meta's original code pairs
+    # neighbours (2i, 2i+1) instead, which is why its q/k weights need permuting before HF can use them.
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos[:, None] + torch.cat([-x2, x1], dim=-1) * sin[:, None]
+
+
+class KVCache:
+    """Preallocated keys/values for all layers: (layers, B, n_kv, max_len, hd). Nothing grows during decoding.
+
+    Slots are filled left to right for the whole batch at once. With left-padded batches some slots hold
+    padding; `valid` marks the real ones and doubles as the attention mask (future slots are not valid yet).
+    `pos` is each sample's next RoPE position, which skips padding, so a sample's positions do not depend
+    on what it was batched with."""
+
+    def __init__(self, cfg: LlamaConfig, batch, max_len, dtype, device):
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.pos = torch.zeros(batch, dtype=torch.long, device=device)
+        self.length, self.max_len, self.padded = 0, max_len, False      # slots used; any holes in `valid`?
+
+    def reserve(self, valid_new):
+        """Claim the next T slots for a chunk of tokens; valid_new (B, T) says which of them are real."""
+        start, T = self.length, valid_new.shape[1]
+        if start + T > self.max_len:
+            raise ValueError(f"KV cache is full: {start} + {T} tokens > max_len {self.max_len}")
+        self.valid[:, start:start + T] = valid_new
+        self.padded = self.padded or not bool(valid_new.all())
+        self.length = start + T
+        return start
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg, nh, nkv, hd = cfg, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, nh * hd, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=False)
+        self.o_proj = nn.Linear(nh * hd, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, start=0):
+        B, T, _ = x.shape
+        hd = self.cfg.head_dim
+        q = self.q_proj(x).view(B, T, -1, hd).transpose(1, 2)           # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, -1, hd).transpose(1, 2)           # (B, n_kv, T, hd)
+        v = self.v_proj(x).view(B, T, -1, hd).transpose(1, 2)           # (B, n_kv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:                                            # write this chunk, read all so far
+            cache.k[layer, :, :, start:start + T] = k
+            cache.v[layer, :, :, start:start + T] = v
+            k, v = cache.k[layer, :, :, :start + T], cache.v[layer, :, :, :start + T]   # views, no copy
+        # GQA: each group of nh/n_kv query heads shares one k/v head; SDPA broadcasts them (enable_gqa)
+        # instead of us materialising repeat_interleave copies
+        causal = mask is None and T > 1 and start == 0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=k.shape[1] != q.shape[1])      # (B, nh, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))         # (B, T, nh*hd) -> (B, T, D)
+
+
+class MLP(nn.Module):                    # SwiGLU (Shazeer 2020), as in LLaMA
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, start=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+            layers=nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers)),
+            norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.grad_checkpointing = False  # recompute each block in backward: activation memory O(layers), not O(ops)
+
+    def new_cache(self, batch, max_len, dtype=None):
+        w = self.lm_head.weight
+        return KVCache(self.cfg, batch, max_len, dtype or w.dtype, w.device)
+
+    def init_weights(self, std=0.02):
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, positions=None, cache=None,
+                return_hidden=False):
+        """input_ids (B, T) or inputs_embeds (B, T, D) -> logits (B, T, V), or the final hidden states (B, T, D).
+
+        attention_mask (B, T): 1 for real tokens, 0 for padding (right padding for training, left padding for
+        batched generation). RoPE positions count real tokens only, so padding never shifts a sample's
+        positions; with a cache they continue from where the sample's previous chunk ended."""
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T, _ = x.shape
+        real = (torch.ones(B, T, dtype=torch.bool, device=x.device) if attention_mask is None
+                else attention_mask.bool())
+        if positions is None:
+            positions = real.long().cumsum(1) - 1                               # (B, T): 0, 1, 2 ... per sample
+            positions = positions.clamp(min=0) + (cache.pos[:, None] if cache is not None else 0)
+        start = 0
+        if cache is not None:
+            start = cache.reserve(real)
+            cache.pos += real.sum(1)
+        mask = make_mask(real, cache, start, T)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        for i, block in enumerate(self.model.layers):
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache, i, start)
+        x = self.model.norm(x)
+        return x if return_hidden else self.lm_head(x)
+
+
+def make_mask(real, cache, start, T):
+    """The boolean attention mask (B, 1, T, L) for SDPA, or None where `is_causal` (or nothing) is exact.
+
+    real (B, T) marks real tokens of the new chunk, which occupies slots start..start+T-1 of L = start+T."""
+    if cache is None:
+        if bool(real[:, 0].all()):      # no left padding: right padding comes after every real token, so
+            return None                 # plain causal attention never sees it, and the loss ignores it
+        keys = real                                                             # (B, L)
+    else:
+        if not cache.padded and (start == 0 or T == 1):
+            return None                 # a first chunk is plain causal; one new token may see every slot
+        keys = cache.valid[:, :start + T]                                       # (B, L), a view
+    if T == 1:
+        return keys[:, None, None, :]                                           # (B, 1, 1, L), still a view
+    i = start + torch.arange(T, device=real.device)[:, None]                    # (T, 1) query slots
+    j = torch.arange(start + T, device=real.device)                             # (L,) key slots
+    # every query also sees its own slot: a padding query would otherwise have no key at all, its softmax
+    # would be NaN, and 0 * NaN in the next layer's P @ V would leak the NaN into real tokens
+    return (keys[:, None, None, :] & (j <= i)) | (j == i)                       # (B, 1, T, L)

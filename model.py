@@ -1,0 +1,238 @@
+"""
+LLaVA: a CLIP vision encoder, a projector, and a LLaMA decoder, glued by splicing image embeddings into the text.
+
+    image ─vit.py─▶ patch features (N, Dv) ─projector.py─▶ (N, D) ┐
+    "USER: <image>\\nWhat is it? ASSISTANT:" ─▶ ids, one -200 ┴─▶ [text, N image embeds, text] ─llama.py─▶ logits
+
+Paper: Liu et al. 2023 "Visual Instruction Tuning" §4.1 (architecture); Liu et al. 2023 "Improved Baselines
+with Visual Instruction Tuning" (LLaVA-1.5). Official code: llava/model/llava_arch.py
+(`prepare_inputs_labels_for_multimodal` is `Llava.splice` here). Checkpoint loading for every published
+layout is at the bottom of this file; the formats are in DESIGN.md §4.
+"""
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import llama
+import vit
+from llama import Llama, LlamaConfig
+from projector import build_projector
+from vit import VisionConfig, VisionTransformer
+
+IMAGE_TOKEN_INDEX = -200  # the placeholder id for "<image>" (llava/constants.py): not in the vocabulary
+IGNORE_INDEX = -100       # labels with this value get no loss (PyTorch cross_entropy's default ignore_index)
+
+
+@dataclass
+class LlavaConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: LlamaConfig = field(default_factory=LlamaConfig)
+    projector_type: str = "mlp2x_gelu"
+    vision_feature_layer: int = -2        # penultimate ViT layer (see vit.py)
+    vision_feature_select: str = "patch"  # "patch": drop CLS (LLaVA); "cls_patch": keep it
+    image_aspect_ratio: str = "pad"       # "pad": pad to square first (LLaVA-1.5); anything else: center crop
+    conv_template: str = "vicuna_v1"      # the conversation template the model was trained with (data.py)
+
+    @property
+    def image_tokens(self):               # LLM positions one image occupies: 576 for CLIP-L/336
+        return self.vision.num_patches + (self.vision_feature_select == "cls_patch")
+
+    def to_dict(self):
+        return {"format": "llava-from-scratch", **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d):                # unknown keys are ignored, so older/newer config.json files still load
+        known = lambda c, x: {k: v for k, v in x.items() if k in {f.name for f in fields(c)}}
+        vision = VisionConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                 for k, v in known(VisionConfig, d["vision"]).items()})
+        rest = known(cls, {k: v for k, v in d.items() if k not in ("vision", "text")})
+        return cls(vision=vision, text=LlamaConfig(**known(LlamaConfig, d["text"])), **rest)
+
+
+PRESETS = {
+    "llava-1.5-7b": LlavaConfig(vision=vit.PRESETS["clip-vit-large-patch14-336"], text=llama.PRESETS["vicuna-7b-v1.5"]),
+    "llava-1.5-13b": LlavaConfig(vision=vit.PRESETS["clip-vit-large-patch14-336"],
+                                 text=llama.PRESETS["vicuna-13b-v1.5"]),
+    "shapes-tiny": LlavaConfig(vision=vit.PRESETS["shapes-tiny"], text=llama.PRESETS["shapes-tiny"]),
+}
+
+
+class Output(NamedTuple):
+    loss: torch.Tensor         # mean cross-entropy over supervised tokens (0 if there are none)
+    logits: torch.Tensor       # (B, T', V), or None with return_logits=False
+    n_tokens: torch.Tensor     # number of supervised tokens: for token-weighted means across micro-batches
+
+
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def default_dtype(device):
+    # bf16 where the GPU has it; fp16 on other GPUs; fp32 on CPU, where half precision is slow or unsupported
+    if str(device).startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float16 if str(device).startswith("mps") else torch.float32
+
+
+class Llava(nn.Module):
+    def __init__(self, cfg: LlavaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision_tower = VisionTransformer(cfg.vision)
+        self.mm_projector = build_projector(cfg.projector_type, cfg.vision.hidden_size, cfg.text.hidden_size)
+        self.language_model = Llama(cfg.text)
+        self.tokenizer_path = None         # set by from_pretrained when the checkpoint has a tokenizer.model
+
+    def encode_images(self, images):
+        """images (n, 3, S, S) -> LLM input embeddings (n, N, D)."""
+        frozen = not any(p.requires_grad for p in self.vision_tower.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):  # frozen in every LLaVA-1.5 stage
+            feats = self.vision_tower(images, self.cfg.vision_feature_layer, self.cfg.vision_feature_select)
+        return self.mm_projector(feats.to(next(self.mm_projector.parameters(), feats).dtype))
+
+    def splice(self, input_ids, image_embeds=None, attention_mask=None, labels=None, pad_left=False):
+        """Replace each -200 in input_ids (B, T) by the N embeddings of the next image, in batch order.
+
+        Returns embeds (B, T', D), attention mask (B, T') and labels (B, T') or None. Padding in the input is
+        dropped and re-added (zero embeddings, label -100) on the right for training or on the left for
+        batched generation, so the input may be padded on either side."""
+        B, T = input_ids.shape
+        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        is_img = (input_ids == IMAGE_TOKEN_INDEX) & real
+        n_img, N = int(is_img.sum()), self.cfg.image_tokens
+        if n_img != (0 if image_embeds is None else len(image_embeds)):
+            raise ValueError(f"{n_img} image placeholders in input_ids but "
+                             f"{0 if image_embeds is None else len(image_embeds)} images")
+        # every real token gets a width in the output (N for a placeholder, 1 for text); a running sum of the
+        # widths gives each token's end offset in its spliced sequence: one scatter, no loop over the tokens
+        width = torch.where(is_img, N, 1) * real                                        # (B, T)
+        end = width.cumsum(1)                                                           # (B, T)
+        lengths = end[:, -1]                                                            # (B,)
+        T2 = int(lengths.max())
+        shift = (T2 - lengths) if pad_left else torch.zeros_like(lengths)               # (B,)
+        text_embeds = self.language_model.model.embed_tokens(input_ids.clamp(min=0))    # -200 -> row 0, unused
+        out = text_embeds.new_zeros(B, T2, text_embeds.shape[-1])                       # padding embeds are 0
+        b, t = (real & ~is_img).nonzero(as_tuple=True)
+        dst = end[b, t] - 1 + shift[b]
+        out[b, dst] = text_embeds[b, t]
+        new_labels = None
+        if labels is not None:
+            new_labels = labels.new_full((B, T2), IGNORE_INDEX)    # image positions are never supervised
+            new_labels[b, dst] = labels[b, t]
+        if n_img:
+            bi, ti = is_img.nonzero(as_tuple=True)                  # row-major: images are used in batch order
+            dst = (end[bi, ti] - N + shift[bi])[:, None] + torch.arange(N, device=out.device)   # (n_img, N)
+            out[bi[:, None], dst] = image_embeds.to(out.dtype)
+        slot = torch.arange(T2, device=out.device)
+        mask = (slot >= shift[:, None]) & (slot < (shift + lengths)[:, None])           # (B, T2)
+        return out, mask, new_labels
+
+    def forward(self, input_ids, images=None, labels=None, attention_mask=None, return_logits=True):
+        """Logits (B, T', V) over the spliced sequence, T' = T - n_placeholders + n_images * N per sample.
+        With labels: an Output(loss, logits, n_tokens), the loss a token-weighted mean as in the official code."""
+        image_embeds = None if images is None or len(images) == 0 else self.encode_images(images)
+        embeds, mask, labels = self.splice(input_ids, image_embeds, attention_mask, labels)
+        lm = self.language_model
+        if labels is None:
+            return lm(inputs_embeds=embeds, attention_mask=mask)
+        hidden = lm(inputs_embeds=embeds, attention_mask=mask, return_hidden=True)      # (B, T', D)
+        # position t predicts token t+1; run the vocab projection only where there is a label, which saves the
+        # (B, T', V) fp32 logits in training (0.26 GB per 2048-token sample at V = 32000)
+        targets = labels[:, 1:]
+        sel = targets != IGNORE_INDEX
+        logits_sel = lm.lm_head(hidden[:, :-1][sel]).float()                          # (n_tokens, V)
+        n = sel.sum()
+        # clamp: a sample whose labels are all masked (e.g. truncated away) gives loss 0, not 0/0 = NaN
+        loss = F.cross_entropy(logits_sel, targets[sel], reduction="sum") / n.clamp(min=1)
+        return Output(loss, lm.lm_head(hidden) if return_logits else None, n)
+
+    # ---------------------------------------------------------------------------------------------- inference
+    def prefill(self, input_ids, images=None, cache=None, attention_mask=None):
+        """Append a (left-padded) chunk, images spliced in, to the KV cache; return next-token logits (B, V)."""
+        image_embeds = None if images is None or len(images) == 0 else self.encode_images(images)
+        embeds, mask, _ = self.splice(input_ids, image_embeds, attention_mask, pad_left=True)
+        hidden = self.language_model(inputs_embeds=embeds, attention_mask=mask, cache=cache, return_hidden=True)
+        return self.language_model.lm_head(hidden[:, -1])    # only the last position is needed
+
+    def decode(self, tokens, cache):
+        """One step: tokens (B,) -> logits (B, V). The image is already in the cache; only text goes in."""
+        return self.language_model(tokens[:, None], cache=cache)[:, -1]
+
+    @torch.inference_mode()
+    def generate_stream(self, input_ids, images=None, attention_mask=None, max_new_tokens=128, temperature=0.0,
+                        top_p=1.0, top_k=0, eos_token_id=None, generator=None, cache=None, use_cache=True):
+        """Yield the next token of every sample, (B,), until all have emitted EOS or max_new_tokens is reached.
+        A sample that has finished yields the pad id. Pass a cache (Llava.new_cache) to continue a
+        conversation that is already in it: then input_ids holds only the new tokens."""
+        eos = self.cfg.text.eos_token_id if eos_token_id is None else eos_token_id
+        pad = self.cfg.text.pad_token_id
+        if not use_cache:                  # the slow reference path: re-run the whole sequence every step
+            return (yield from self._generate_uncached(input_ids, images, attention_mask, max_new_tokens,
+                                                       temperature, top_p, top_k, eos, generator))
+        if cache is None:
+            T = int((input_ids != IMAGE_TOKEN_INDEX).sum(1).max()) + int(
+                (input_ids == IMAGE_TOKEN_INDEX).sum(1).max()) * self.cfg.image_tokens
+            cache = self.new_cache(len(input_ids), T + max_new_tokens)
+        logits = self.prefill(input_ids, images, cache, attention_mask)
+        done = torch.zeros(len(input_ids), dtype=torch.bool, device=logits.device)
+        for step in range(max_new_tokens):
+            tok = sample(logits, temperature, top_p, top_k, generator).masked_fill(done, pad)
+            yield tok
+            done |= tok == eos
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            logits = self.decode(tok, cache)
+
+    def _generate_uncached(self, input_ids, images, attention_mask, max_new_tokens, temperature, top_p, top_k,
+                           eos, generator):
+        image_embeds = None if images is None or len(images) == 0 else self.encode_images(images)
+        embeds, mask, _ = self.splice(input_ids, image_embeds, attention_mask, pad_left=True)
+        done = torch.zeros(len(input_ids), dtype=torch.bool, device=embeds.device)
+        for _ in range(max_new_tokens):
+            logits = self.language_model(inputs_embeds=embeds, attention_mask=mask)[:, -1]
+            tok = sample(logits, temperature, top_p, top_k, generator).masked_fill(done, self.cfg.text.pad_token_id)
+            yield tok
+            done |= tok == eos
+            if bool(done.all()):
+                break
+            embeds = torch.cat([embeds, self.language_model.model.embed_tokens(tok)[:, None]], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+
+    def generate(self, input_ids, images=None, **kw):
+        """New tokens only, (B, n): n = the longest answer; samples that stopped earlier are padded."""
+        steps = list(self.generate_stream(input_ids, images, **kw))
+        return torch.stack(steps, 1) if steps else input_ids.new_zeros(len(input_ids), 0)
+
+    def new_cache(self, batch, max_len):
+        return self.language_model.new_cache(batch, max_len)
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_pretrained(cls, path, vision_tower=None, dtype=None, device=None, model_base=None):
+        from checkpoint import load_llava      # the loaders for every published layout live in checkpoint.py
+        return load_llava(cls, path, vision_tower=vision_tower, dtype=dtype, device=device, model_base=model_base)
+
+    def save_pretrained(self, directory, tokenizer_path=None):
+        from checkpoint import save_llava
+        save_llava(self, directory, tokenizer_path)
+
+
+def sample(logits, temperature=0.0, top_p=1.0, top_k=0, generator=None):
+    """logits (B, V) -> token ids (B,). temperature 0 is greedy (argmax), as every LLaVA eval script uses."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:                              # keep the k most likely tokens
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if top_p < 1.0:                        # nucleus: the smallest set of tokens whose probability reaches top_p
+        p, idx = probs.sort(-1, descending=True)
+        p = p.masked_fill(p.cumsum(-1) - p > top_p, 0.0)     # drop a token once the ones before it reach top_p
+        return idx.gather(-1, torch.multinomial(p, 1, generator=generator))[:, 0]
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]

@@ -1,0 +1,201 @@
+"""checkpoint.py: the same tiny weights in every layout load to identical logits; bad files give one clear error."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from checkpoint import CheckpointError, read_safetensors, write_safetensors
+from hf_fixtures import (hf_llava, write_clip, write_liuhaotian, write_llama, write_llava_hf, write_stage1)
+from model import IMAGE_TOKEN_INDEX as IMG, Llava
+
+IDS = torch.tensor([[1, 10, 11, IMG, 12, 13, 14]])
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    """One HF model written in every layout of DESIGN.md §4; returns {name: dir} and the reference logits."""
+    hf = hf_llava()
+    root = tmp_path_factory.mktemp("layouts")
+    d = {n: str(root / n) for n in ("published", "hf5", "clip", "liuhaotian", "liuhaotian_st", "base", "stage1",
+                                    "ours")}
+    write_llava_hf(hf, d["published"], published=True)
+    write_llava_hf(hf, d["hf5"], published=False)
+    write_clip(hf, d["clip"])
+    write_liuhaotian(hf, d["liuhaotian"], d["clip"], fmt="bin")
+    write_liuhaotian(hf, d["liuhaotian_st"], d["clip"], fmt="safetensors", vision_copy=False, inv_freq=False)
+    write_llama(hf, d["base"])
+    write_stage1(hf, d["stage1"], d["base"], d["clip"])
+    Llava.from_pretrained(d["published"], device="cpu").save_pretrained(d["ours"])
+    px = torch.randn(1, 3, 28, 28)
+    with torch.no_grad():
+        from hf_fixtures import to_hf_ids
+        ref = hf(input_ids=torch.tensor([to_hf_ids(IDS[0].tolist())]), pixel_values=px).logits
+    return d, px, ref
+
+
+@pytest.mark.parametrize("name", ["published", "hf5", "liuhaotian", "liuhaotian_st", "stage1", "ours"])
+def test_every_layout_gives_identical_logits(exact_attention, layouts, name):
+    d, px, ref = layouts
+    m = Llava.from_pretrained(d[name], device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        got = m(IDS, px)
+    assert (got - ref).abs().max() <= 1e-5
+    if name != "published":                    # and bitwise the same as every other layout
+        p = Llava.from_pretrained(d["published"], device="cpu", dtype=torch.float32)
+        assert torch.equal(got, p(IDS, px))
+
+
+def test_layout_configs(layouts):
+    d, _, _ = layouts
+    assert Llava.from_pretrained(d["stage1"], device="cpu").cfg.conv_template == "plain"
+    lh = Llava.from_pretrained(d["liuhaotian"], device="cpu").cfg
+    assert (lh.image_aspect_ratio, lh.projector_type, lh.vision_feature_layer) == ("pad", "mlp2x_gelu", -2)
+    ours = Llava.from_pretrained(d["ours"], device="cpu")
+    assert ours.cfg == Llava.from_pretrained(d["published"], device="cpu").cfg
+
+
+def test_vision_tower_argument_and_base_argument_override_the_config(exact_attention, layouts, tmp_path):
+    d, px, ref = layouts
+    moved = str(tmp_path / "liuhaotian")
+    shutil.copytree(d["liuhaotian"], moved)
+    cfg = json.load(open(os.path.join(moved, "config.json")))
+    cfg["mm_vision_tower"] = "openai/clip-vit-large-patch14-336"         # a hub name, as the released configs say
+    json.dump(cfg, open(os.path.join(moved, "config.json"), "w"))
+    with pytest.raises(CheckpointError, match="vision tower 'openai/clip-vit-large-patch14-336' is not a local"):
+        Llava.from_pretrained(moved, device="cpu")
+    m = Llava.from_pretrained(moved, vision_tower=d["clip"], device="cpu", dtype=torch.float32)
+    assert (m(IDS, px) - ref).abs().max() <= 1e-5
+    stage1 = str(tmp_path / "stage1")
+    shutil.copytree(d["stage1"], stage1)
+    cfg = json.load(open(os.path.join(stage1, "config.json")))
+    cfg["_name_or_path"] = "lmsys/vicuna-7b-v1.5"
+    json.dump(cfg, open(os.path.join(stage1, "config.json"), "w"))
+    with pytest.raises(CheckpointError, match="base LLM 'lmsys/vicuna-7b-v1.5'"):
+        Llava.from_pretrained(stage1, device="cpu")
+    m = Llava.from_pretrained(stage1, model_base=d["base"], device="cpu", dtype=torch.float32)
+    assert (m(IDS, px) - ref).abs().max() <= 1e-5
+
+
+def test_dtype_and_meta_free_loading(layouts):
+    d, px, _ = layouts
+    m = Llava.from_pretrained(d["liuhaotian"], device="cpu", dtype=torch.bfloat16)
+    assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
+    assert not any(p.is_meta for p in m.parameters())
+    assert m(IDS, px).dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------------------------------- errors
+def edit_shard(src, dst, fn, fmt):
+    """Copy a checkpoint dir and apply fn to the state dict of its first shard."""
+    shutil.copytree(src, dst)
+    name = sorted(f for f in os.listdir(dst) if f.endswith(fmt) and "-00001-" in f)[0]
+    path = os.path.join(dst, name)
+    if fmt == ".bin":
+        sd = fn(torch.load(path, weights_only=True))
+        torch.save(sd, path)
+    else:
+        sd = fn(dict(read_safetensors(path)))
+        write_safetensors(sd, path)
+    return path
+
+
+def drop(key):
+    return lambda sd: {k: v for k, v in sd.items() if k != key}
+
+
+@pytest.mark.parametrize("fmt", [".bin", ".safetensors"])
+def test_missing_key_names_the_checkpoint_and_key(layouts, tmp_path, fmt):
+    d, _, _ = layouts
+    src = d["liuhaotian" if fmt == ".bin" else "liuhaotian_st"]
+    path = edit_shard(src, str(tmp_path / "x"), lambda sd: sd, fmt)
+    victim = sorted(k for k, _ in (torch.load(path, weights_only=True).items() if fmt == ".bin"
+                                   else read_safetensors(path)) if k.startswith("model.layers.1."))[0]
+    shutil.rmtree(tmp_path / "x")
+    edit_shard(src, str(tmp_path / "x"), drop(victim), fmt)
+    with pytest.raises(CheckpointError, match=r"missing key language_model\." + victim.replace(".", r"\.")) as e:
+        Llava.from_pretrained(str(tmp_path / "x"), device="cpu")
+    assert str(tmp_path / "x") in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unexpected_key_names_file_and_key(layouts, tmp_path):
+    d, _, _ = layouts
+    path = edit_shard(d["liuhaotian"], str(tmp_path / "x"), lambda sd: sd | {"model.layers.0.mlp.extra": torch.ones(2)},
+                      ".bin")
+    with pytest.raises(CheckpointError, match="unexpected key model.layers.0.mlp.extra") as e:
+        Llava.from_pretrained(str(tmp_path / "x"), device="cpu")
+    assert str(e.value).startswith(path)
+
+
+def test_wrong_shape_names_file_key_and_shapes(layouts, tmp_path):
+    d, _, _ = layouts
+    victim = {}
+
+    def shrink(sd):                            # cut the first 2-D weight of the shard to 10 columns
+        victim["key"] = k = next(k for k in sorted(sd) if sd[k].dim() == 2)
+        victim["shape"] = list(sd[k].shape)
+        return sd | {k: sd[k][:, :10]}
+    edit_shard(d["liuhaotian_st"], str(tmp_path / "x"), shrink, ".safetensors")
+    k, (rows, cols) = victim["key"], victim["shape"]
+    with pytest.raises(CheckpointError, match=rf"key {k} has shape \[{rows}, 10\], expected \[{rows}, {cols}\]"):
+        Llava.from_pretrained(str(tmp_path / "x"), device="cpu")
+
+
+def test_truncated_safetensors_names_file_and_tensor(layouts, tmp_path):
+    d, _, _ = layouts
+    shutil.copytree(d["ours"], tmp_path / "x")
+    path = str(tmp_path / "x" / "model.safetensors")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:len(data) - 1000])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated: tensor \S+ ends at byte"):
+        Llava.from_pretrained(str(tmp_path / "x"), device="cpu")
+    open(path, "wb").write(data[:5])
+    with pytest.raises(CheckpointError, match="truncated or not a safetensors file"):
+        Llava.from_pretrained(str(tmp_path / "x"), device="cpu")
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("this would run arbitrary code",))
+
+
+def test_pickle_needing_more_than_weights_only_is_refused(layouts, tmp_path):
+    d, _, _ = layouts
+    shutil.copytree(d["stage1"], tmp_path / "x")
+    path = str(tmp_path / "x" / "mm_projector.bin")
+    torch.save({"model.mm_projector.0.weight": torch.ones(1), "payload": Evil()}, path)
+    with pytest.raises(CheckpointError, match=r"mm_projector\.bin: refused: it needs more than "
+                                              r"torch\.load\(weights_only=True\)"):
+        Llava.from_pretrained(str(tmp_path / "x"), device="cpu")
+
+
+def test_known_unused_keys_are_skipped_on_purpose(layouts):
+    """The liuhaotian fixture carries the CLIP copy and inv_freq buffers; the CLIP dir carries a text tower."""
+    d, _, _ = layouts
+    shards = [f for f in os.listdir(d["liuhaotian"]) if f.endswith(".bin")]
+    keys = {k for s in shards for k in torch.load(os.path.join(d["liuhaotian"], s), weights_only=True)}
+    assert any(k.startswith("model.vision_tower.vision_tower.") for k in keys)
+    assert any(k.endswith("rotary_emb.inv_freq") for k in keys)
+    clip_keys = {k for k, _ in read_safetensors(os.path.join(d["clip"], "model.safetensors"))}
+    assert {"logit_scale", "text_projection.weight", "visual_projection.weight"} <= clip_keys
+    Llava.from_pretrained(d["liuhaotian"], device="cpu")     # loads: the fixture above proves the skips
+
+
+def test_not_a_checkpoint(layouts, tmp_path):
+    d, _, _ = layouts
+    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
+        Llava.from_pretrained(str(tmp_path / "nope"))
+    with pytest.raises(CheckpointError, match="config.json: missing"):
+        Llava.from_pretrained(str(tmp_path))
+    with pytest.raises(CheckpointError, match="a plain LLaMA checkpoint"):
+        Llava.from_pretrained(d["base"])
+
+
+def test_our_safetensors_writer_is_read_by_the_safetensors_library(tmp_path):
+    from safetensors.torch import load_file
+    sd = {"a": torch.randn(3, 5), "b": torch.randn(7).bfloat16(), "c": torch.tensor(2.5), "d": torch.arange(4)}
+    write_safetensors(sd, str(tmp_path / "x.safetensors"))
+    back = load_file(str(tmp_path / "x.safetensors"))
+    assert all(torch.equal(back[k], v) for k, v in sd.items())
+    assert all(torch.equal(v, sd[k]) for k, v in read_safetensors(str(tmp_path / "x.safetensors")))
