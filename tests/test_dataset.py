@@ -1,0 +1,117 @@
+"""data.py's dataset side: the Shapes world, the lazy JSON index, collate, the check pass and bad data."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from data import DataError, LlavaDataset, Tokenizer, collate, modality_grouped_order, scan_json
+from model import IGNORE_INDEX, IMAGE_TOKEN_INDEX as IMG
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    import shapes
+    return shapes.generate(str(tmp_path_factory.mktemp("shapes")), seed=3, n_pretrain=40, n_instruct=60, n_eval=10)
+
+
+def test_shapes_world_is_deterministic_and_complete(world, tmp_path):
+    import shapes
+    again = shapes.generate(str(tmp_path), seed=3, n_pretrain=40, n_instruct=60, n_eval=10)
+    for f in ("pretrain.json", "instruct.json", "eval.jsonl", "corpus.txt", "images/instruct/000007.png"):
+        assert open(os.path.join(world, f), "rb").read() == open(os.path.join(again, f), "rb").read(), f
+    evals = [json.loads(line) for line in open(os.path.join(world, "eval.jsonl"))]
+    assert {"question_id", "image", "text", "category", "answer"} <= set(evals[0])
+    cats = {e["category"] for e in evals}
+    assert {"count", "existence", "description"} <= cats <= {"color", "shape", "count", "position", "size",
+                                                             "existence", "description"}
+    assert all(e["text"].endswith("Answer the question using a single word or phrase.")
+               for e in evals if e["category"] != "description")
+    tok = Tokenizer(os.path.join(world, "tokenizer.model"))
+    assert (tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2) and tok.encode("é", bos=False)  # byte fallback
+    instruct = json.load(open(os.path.join(world, "instruct.json")))
+    assert any("image" not in s for s in instruct) and any(len(s["conversations"]) > 2 for s in instruct)
+
+
+def test_datasets_load_and_collate(world):
+    tok = Tokenizer(os.path.join(world, "tokenizer.model"))
+    ds = LlavaDataset(os.path.join(world, "instruct.json"), tok, world, "vicuna_v1", image_size=64)
+    assert len(ds) == 60
+    items = [ds[i] for i in range(8)]
+    batch = collate(items, tok.pad_id, max_length=2048)
+    n_img = sum(it["image"] is not None for it in items)
+    assert batch["images"].shape == (n_img, 3, 64, 64) and (batch["input_ids"] == IMG).sum() == n_img
+    lens = [len(it["ids"]) for it in items]
+    assert batch["attention_mask"].sum(1).tolist() == lens                 # right padding
+    assert (batch["labels"][~batch["attention_mask"]] == IGNORE_INDEX).all()
+    short = collate(items, tok.pad_id, max_length=10)                       # truncation as the official collator
+    assert short["input_ids"].shape[1] == 10
+    assert short["images"] is None or len(short["images"]) == (short["input_ids"] == IMG).sum()
+    pre = LlavaDataset(os.path.join(world, "pretrain.json"), tok, world, "plain", image_size=64, aspect="crop")
+    it = pre[0]
+    assert it["ids"][:2] == [1, IMG] and it["labels"][:2] == [IGNORE_INDEX] * 2 and it["ids"][-1] == tok.newline_id
+
+
+def test_corrupt_image_is_skipped_and_reported(world, tmp_path):
+    tok = Tokenizer(os.path.join(world, "tokenizer.model"))
+    samples = json.load(open(os.path.join(world, "instruct.json")))[:4]
+    samples = [s for s in samples if "image" in s][:3]
+    (tmp_path / "bad.png").write_bytes(b"not a png at all")
+    samples[1] = dict(samples[1], image=str(tmp_path / "bad.png"))
+    (tmp_path / "d.json").write_text(json.dumps(samples))
+    ds = LlavaDataset(str(tmp_path / "d.json"), tok, world, image_size=64)
+    batch = collate([ds[i] for i in range(3)], tok.pad_id)
+    assert len(batch["input_ids"]) == 2 and len(batch["skipped"]) == 1
+    assert "sample 1 (id " in batch["skipped"][0] and "bad.png: not an image file" in batch["skipped"][0]
+
+
+def test_check_reports_every_problem_with_index_and_id(world, tmp_path):
+    good = json.load(open(os.path.join(world, "instruct.json")))
+    img = next(s for s in good if "image" in s)
+    bad = [img,
+           {"id": "no-conv", "image": img["image"]},
+           {"id": "repeat", "conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]},
+           dict(img, id="missing-file", image="images/nope.png"),
+           {"id": "no-token", "image": img["image"], "conversations": [{"from": "human", "value": "hi"},
+                                                                         {"from": "gpt", "value": "yo"}]}]
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    r = subprocess.run([sys.executable, "data.py", "check", str(tmp_path / "bad.json"), "--image-folder", world],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 1
+    lines = r.stdout.splitlines()
+    assert len(lines) == 4 and "Traceback" not in r.stderr
+    assert "sample 1 (id no-conv): no 'conversations' list" in lines[0]
+    assert "sample 2 (id repeat): roles do not alternate human, gpt (human, human)" in lines[1]
+    assert "sample 3 (id missing-file): image file" in lines[2] and "nope.png not found" in lines[2]
+    assert "sample 4 (id no-token): has an image but 0 turns mention <image>" in lines[3]
+    assert "5 samples, 4 problem(s)" in r.stderr
+    with pytest.raises(DataError, match="4 problem"):
+        LlavaDataset(str(tmp_path / "bad.json"), Tokenizer(os.path.join(world, "tokenizer.model")), world)
+
+
+def test_malformed_json_names_file_and_line(tmp_path):
+    (tmp_path / "m.json").write_text('[\n {"id": "a", "conversations": []},\n {"id": "b", \n]')
+    with pytest.raises(DataError, match=r"m\.json: malformed JSON at line 4 column 1"):
+        scan_json(str(tmp_path / "m.json"))
+    r = subprocess.run([sys.executable, "data.py", "check", str(tmp_path / "m.json")], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+    (tmp_path / "o.json").write_text('{"id": 1}')
+    with pytest.raises(DataError, match="not a JSON list of samples"):
+        scan_json(str(tmp_path / "o.json"))
+
+
+def test_modality_grouped_order_never_mixes_within_a_group_and_is_seeded():
+    lengths = [5, -3, 7, 9, -2, 4, 1, -8, 6, 3, -1, 2, 8, -4]               # > 0: image sample; < 0: text only
+    g = lambda: torch.Generator().manual_seed(0)
+    order = modality_grouped_order(lengths, group=3, generator=g())
+    assert sorted(order) == list(range(len(lengths))) and order == modality_grouped_order(lengths, 3, g())
+    # 9 image samples -> groups of 3, 3, 3; 5 text -> 3, 2. The last group of each (3 + 2) is merged into one
+    # mixed group at the end, so the first 3 groups (9 indices) are pure, in shuffled order
+    full = [order[i:i + 3] for i in range(0, 9, 3)]
+    assert sorted(order[9:]) == order[9:] and len(order[9:]) == 5
+    assert all(len({lengths[i] > 0 for i in grp}) == 1 for grp in full)
+    assert all([abs(lengths[i]) for i in grp] == sorted([abs(lengths[i]) for i in grp], reverse=True) for grp in full)
