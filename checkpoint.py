@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 import vit
 from llama import LlamaConfig
+from projector import build_projector
 from vit import VisionConfig
 
 
@@ -171,9 +172,10 @@ def llava_hf_key(k):                      # llava-hf: published layout and the t
 
 
 # ------------------------------------------------------------------------------------------------- loading
-def load_weights(model, sources, dtype, device):
-    """sources: [(files, key_map)]. Fill the meta-device `model` tensor by tensor, checking every key."""
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+def load_weights(model, sources, dtype, device, fresh=()):
+    """sources: [(files, key_map)]. Fill the meta-device `model` tensor by tensor, checking every key.
+    Keys under the `fresh` prefixes are not expected: the caller initialises those modules itself."""
+    expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith(fresh)}
     tied = model.cfg.text.tie_word_embeddings
     head = "language_model.lm_head.weight"
     if tied:
@@ -286,6 +288,25 @@ def load_llava(cls, path, vision_tower=None, dtype=None, device=None, model_base
     model.tokenizer_path = next((p for p in (os.path.join(path, "tokenizer.model"),
                                              os.path.join(base, "tokenizer.model")) if os.path.exists(p)), None)
     return model.eval()
+
+
+def load_components(cls, llm_dir, vision_dir, projector_type="mlp2x_gelu", dtype=None, device=None, **kw):
+    """Stage 1's starting point: a base LLM (HF LLaMA/Vicuna dir) and a vision tower (HF CLIP dir), each from
+    its own checkpoint, and a freshly initialised projector between them."""
+    from model import LlavaConfig, default_device, default_dtype
+    d = read_json(os.path.join(llm_dir, "config.json"))
+    cfg = LlavaConfig(vision=clip_config(vision_dir), text=LlamaConfig.from_hf(d), projector_type=projector_type, **kw)
+    device = device or default_device()
+    dtype = dtype or default_dtype(device)
+    with torch.device("meta"):
+        model = cls(cfg)
+    load_weights(model, [(weight_files(llm_dir), liuhaotian_key), (weight_files(vision_dir), clip_key)], dtype, device,
+                 fresh=("mm_projector.",))
+    with torch.device(device):
+        model.mm_projector = build_projector(projector_type, cfg.vision.hidden_size, cfg.text.hidden_size).to(dtype)
+    tok = os.path.join(llm_dir, "tokenizer.model")
+    model.tokenizer_path = tok if os.path.exists(tok) else None
+    return model
 
 
 def save_llava(model, directory, tokenizer_path=None):

@@ -2,13 +2,14 @@
 The Shapes world: a deterministic synthetic image world that runs the whole LLaVA recipe, in miniature, on a CPU.
 
 Real LLaVA starts from CLIP and Vicuna and trains on COCO-class photos; none of that fits a laptop without a
-GPU. Here each image holds 1-4 coloured shapes on a 3 x 3 grid, and the data come in exactly the official
-formats (DESIGN.md §5), so the same data.py / train.py code paths run on it:
+GPU. Here each 72 x 72 image holds 1-4 coloured shapes on a 3 x 3 grid (one per cell, so the tiny ViT's 24-pixel
+patches see one object each), and the data come in exactly the official formats (DESIGN.md §5), so the same
+data.py / train.py code paths run on it:
 
     pretrain.json  caption pairs with varied instructions          (like LCS-558K, stage 1)
     instruct.json  multi-turn Q&A, detailed descriptions, text-only (like llava_v1_5_mix665k, stage 2)
     eval.jsonl     official question format + reference answers    (like the eval question files)
-    corpus.txt     text for the tokenizer and the stage-0 language model
+    corpus.txt     captions, descriptions, text-only chats: the tokenizer's and stage-0 LLM's text
     tokenizer.model  a sentencepiece BPE with LLaMA's special ids (<unk>=0, <s>=1, </s>=2) and byte fallback
 
     python data.py shapes --out data/shapes
@@ -23,7 +24,7 @@ from tqdm import tqdm
 SHAPES = ["circle", "square", "triangle", "diamond"]
 COLORS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 70, 220), "yellow": (240, 200, 0),
           "purple": (140, 40, 180), "orange": (250, 120, 0)}
-SIZES = {"small": 4.5, "large": 8.5}                     # radius in pixels on the 64 x 64 canvas
+SIZES = {"small": 6.0, "large": 10.0}                    # radius in pixels on the 72-pixel canvas (24-pixel cells)
 CELLS = ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"]
 SHORT = "Answer the question using a single word or phrase."   # the official short-answer suffix
 CAPTION_PROMPTS = [                                      # the instruction list of LCS-558K (LLaVA paper, Table 8)
@@ -43,12 +44,23 @@ def random_scene(rng):
             for c in sorted(cells)]                       # row-major: the order every text lists them in
 
 
-def render(scene, rng, size=64):
+def twin(scene, rng):
+    """The same scene with one attribute of one object changed: a hard negative for contrastive training."""
+    scene = [dict(o) for o in scene]
+    o = rng.choice(scene)
+    key = rng.choice(["shape", "color", "size", "cell"])
+    free = [c for c in range(9) if c not in {x["cell"] for x in scene}]
+    options = {"shape": SHAPES, "color": list(COLORS), "size": list(SIZES), "cell": free}[key]
+    o[key] = rng.choice([v for v in options if v != o[key]] or [o[key]])
+    return sorted(scene, key=lambda x: x["cell"])
+
+
+def render(scene, rng, size=72):
     img = Image.new("RGB", (size, size), (255, 255, 255))
     d = ImageDraw.Draw(img)
     step = size / 3
     for o in scene:
-        r = SIZES[o["size"]] * size / 64
+        r = SIZES[o["size"]] * size / 72
         cx = (o["cell"] % 3 + 0.5) * step + rng.uniform(-1.5, 1.5)
         cy = (o["cell"] // 3 + 0.5) * step + rng.uniform(-1.5, 1.5)
         fill = COLORS[o["color"]]
@@ -135,7 +147,25 @@ def chat(scene, rng):
     return conv
 
 
-def generate(out, seed=0, n_pretrain=8000, n_instruct=8000, n_eval=300, vocab_size=1024, image_size=64):
+def text_chat(scene, rng):
+    """A text-only chat in the vicuna_v1 template where the user *describes* a scene and asks about it: the
+    stage-0 language model learns to answer from its context, as Vicuna can, which is what lets stage 1 align
+    image features to words with the LLM frozen. (LLaVA's own instruction data was written by a text-only
+    GPT-4 from captions the same way, paper §3.)"""
+    from data import CONV_TEMPLATES
+    turns = questions(scene, rng)
+    rng.shuffle(turns)
+    msgs = []
+    for cat, q, short, sentence in turns[:rng.randint(1, 3)]:
+        use_short = rng.random() < 0.6
+        msgs += [f"{q}\n{SHORT}" if use_short else q, short if use_short else sentence]
+    if rng.random() < 0.3:
+        msgs += [rng.choice(CAPTION_PROMPTS), caption(scene, rng)]
+    msgs[0] = describe(scene) + "\n" + msgs[0]
+    return CONV_TEMPLATES["vicuna_v1"].prompt(msgs)
+
+
+def generate(out, seed=0, n_pretrain=8000, n_instruct=8000, n_eval=300, vocab_size=1024, image_size=72):
     """Write the whole world under `out`; the same seed gives the same files, byte for byte."""
     rng = random.Random(seed)
     for split in ("pretrain", "instruct", "eval"):
@@ -163,8 +193,7 @@ def generate(out, seed=0, n_pretrain=8000, n_instruct=8000, n_eval=300, vocab_si
         scene, path = image("instruct", i)
         conv = chat(scene, rng)
         instruct.append({"id": f"instruct-{i}", "image": path, "conversations": conv})
-        corpus += [describe(scene)] + [f"{a['value'].replace('<image>', '').strip()} {b['value']}"
-                                       for a, b in zip(conv[::2], conv[1::2])]
+        corpus += [describe(scene), text_chat(scene, rng)]
     for i in tqdm(range(n_eval), desc="shapes: eval"):
         scene, path = image("eval", i)
         seen = set()
@@ -182,8 +211,8 @@ def generate(out, seed=0, n_pretrain=8000, n_instruct=8000, n_eval=300, vocab_si
         json.dump(instruct, f, indent=1)
     with open(os.path.join(out, "eval.jsonl"), "w") as f:
         f.writelines(json.dumps(e) + "\n" for e in evals)
-    with open(os.path.join(out, "corpus.txt"), "w") as f:
-        f.writelines(line + "\n" for line in corpus)
+    with open(os.path.join(out, "corpus.txt"), "w") as f:        # documents separated by blank lines
+        f.writelines(doc + "\n\n" for doc in corpus)
     train_tokenizer(os.path.join(out, "corpus.txt"), os.path.join(out, "tokenizer"), vocab_size)
     return out
 

@@ -53,8 +53,9 @@ class VisionConfig:
 PRESETS = {
     "clip-vit-large-patch14-336": VisionConfig(),                  # LLaVA-1.5: 24 x 24 = 576 patches
     "clip-vit-large-patch14": VisionConfig(image_size=224),        # LLaVA v0/v1: 16 x 16 = 256 patches
-    # the Shapes world's encoder (DESIGN.md §5), trained CLIP-style by `train.py --stage 0`
-    "shapes-tiny": VisionConfig(image_size=64, patch_size=8, hidden_size=128, intermediate_size=512,
+    # the Shapes world's encoder (DESIGN.md §5), trained CLIP-style by `train.py --stage 0`: 3 x 3 patches of
+    # 24 pixels, one per cell of the Shapes grid, so each image becomes 9 LLM tokens
+    "shapes-tiny": VisionConfig(image_size=72, patch_size=24, hidden_size=128, intermediate_size=512,
                                 num_hidden_layers=4, num_attention_heads=4, projection_dim=128),
 }
 

@@ -1,0 +1,136 @@
+"""
+Answer an official LLaVA eval question file, and score it where references exist.
+
+In: jsonl lines {"question_id", "image", "text"} (as llava/eval/model_vqa_loader.py reads them; the answer-format
+suffix, e.g. "Answer the question using a single word or phrase.", is already in "text"), optionally with
+"answer" and "category" (the Shapes eval split has both). Out: the official answers jsonl {"question_id",
+"prompt", "text", "answer_id", "model_id", "metadata"} and, with references, exact-match accuracy per category.
+
+    python eval.py                                   # the bundled tiny LLaVA on the Shapes eval split
+    python eval.py --blind                           # the same questions with a blank image instead
+    python eval.py --model models/llava-v1.5-7b --vision-tower clip-vit-large-patch14-336 \\
+        --questions llava_vqav2_mscoco_test-dev2015.jsonl --image-folder test2015 --answers answers.jsonl
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+from collections import defaultdict
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from checkpoint import CheckpointError
+from data import CONV_TEMPLATES, IMAGE_TOKEN, DataError, Tokenizer, load_image, process_image, tokenizer_image_token
+from model import Llava
+
+
+def normalize(s):                        # exact match up to case, surrounding space and a final period
+    return s.strip().lower().rstrip(".").strip()
+
+
+def load_questions(path):
+    try:
+        with open(path) as f:
+            qs = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read the questions ({e})") from None
+    bad = [i for i, q in enumerate(qs) if not isinstance(q, dict) or not {"question_id", "text"} <= set(q)]
+    if bad:
+        raise DataError(f"{path}: line {bad[0] + 1} lacks question_id or text")
+    return qs
+
+
+@torch.inference_mode()
+def answer(model, tok, questions, image_folder, template, batch_size=32, max_new_tokens=128, blind=False):
+    """Greedy answers (the official eval scripts use temperature 0), in batches of similar prompt length."""
+    vc, t = model.cfg.vision, CONV_TEMPLATES[template]
+    stop = tok.newline_id if t.plain else tok.eos_id
+    fill = Image.new("RGB", (vc.image_size, vc.image_size), tuple(int(m * 255) for m in vc.image_mean))
+    prompts = [t.prompt([IMAGE_TOKEN + "\n" + q["text"] if "image" in q else q["text"], None]) for q in questions]
+    ids = [tokenizer_image_token(p, tok) for p in prompts]
+    order = sorted(range(len(questions)), key=lambda i: len(ids[i]))
+    out = [None] * len(questions)
+    device = next(model.parameters()).device
+    for k in tqdm(range(0, len(order), batch_size), desc="eval", disable=len(order) <= batch_size):
+        idx = order[k:k + batch_size]
+        T = max(len(ids[i]) for i in idx)
+        x = torch.full((len(idx), T), tok.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(idx), T, dtype=torch.long)
+        for r, i in enumerate(idx):
+            x[r, :len(ids[i])], mask[r, :len(ids[i])] = torch.tensor(ids[i]), 1
+        imgs = [process_image(fill if blind else load_image(os.path.join(image_folder, questions[i]["image"])),
+                              vc.image_size, model.cfg.image_aspect_ratio, vc.image_mean, vc.image_std)
+                for i in idx if "image" in questions[i]]
+        images = torch.stack(imgs).to(device) if imgs else None
+        new = model.generate(x.to(device), images, attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                             eos_token_id=stop)
+        for r, i in enumerate(idx):
+            out[i] = tok.decode(new[r].tolist()).strip()
+    return prompts, out
+
+
+def score(questions, answers):
+    """Exact-match accuracy per category (and overall) over the questions that carry a reference answer."""
+    hits = defaultdict(list)
+    for q, a in zip(questions, answers):
+        if "answer" in q:
+            ok = normalize(a) == normalize(q["answer"])
+            hits[q.get("category", "all")].append(ok)
+            hits["overall"].append(ok) if q.get("category") else None
+    return {c: dict(accuracy=sum(v) / len(v), n=len(v)) for c, v in sorted(hits.items())}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="models/shapes-llava")
+    p.add_argument("--vision-tower", default=None, help="the CLIP dir, for checkpoints that do not include it")
+    p.add_argument("--model-base", default=None, help="the base LLM, for a stage-1 (projector only) dir")
+    p.add_argument("--questions", default="data/shapes/eval.jsonl")
+    p.add_argument("--image-folder", default="data/shapes")
+    p.add_argument("--answers", default=None, help="default: output/<model name>/answers[-blind].jsonl")
+    p.add_argument("--conv-mode", default=None, help="default: the template the checkpoint was trained with")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--blind", action="store_true", help="a blank image instead of the real one")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    args = p.parse_args(argv)
+    try:
+        if args.questions == "data/shapes/eval.jsonl" and not os.path.exists(args.questions):
+            import shapes
+            shapes.generate("data/shapes")
+        questions = load_questions(args.questions)
+        model = Llava.from_pretrained(args.model, vision_tower=args.vision_tower, model_base=args.model_base,
+                                      device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
+        if model.tokenizer_path is None:
+            raise CheckpointError(f"{args.model}: no tokenizer.model")
+        tok = Tokenizer(model.tokenizer_path)
+        template = args.conv_mode or model.cfg.conv_template
+        prompts, answers = answer(model, tok, questions, args.image_folder, template, args.batch_size,
+                                  args.max_new_tokens, args.blind)
+    except (DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    name = os.path.basename(os.path.normpath(args.model))
+    path = args.answers or os.path.join("output", name, f"answers{'-blind' if args.blind else ''}.jsonl")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        for q, pr, a in zip(questions, prompts, answers):
+            aid = hashlib.sha1(f"{name}:{q['question_id']}:{a}".encode()).hexdigest()[:22]
+            f.write(json.dumps(dict(question_id=q["question_id"], prompt=pr, text=a, answer_id=aid, model_id=name,
+                                    metadata={})) + "\n")
+    scores = score(questions, answers)
+    if scores:
+        with open(os.path.splitext(path)[0] + "-accuracy.json", "w") as f:
+            json.dump(scores, f, indent=1)
+        for c, s in scores.items():
+            print(f"{c:>12}: {s['accuracy']:7.2%}  ({s['n']} questions)")
+    print(f"answers: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

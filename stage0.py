@@ -1,0 +1,129 @@
+"""
+Stage 0, for the tiny Shapes world only: what OpenAI and LMSYS did before LLaVA began (DESIGN.md §5).
+
+Real LLaVA starts from a pretrained CLIP ViT-L/14 and a pretrained Vicuna. Here both are made in miniature:
+  - a CLIP: the tiny ViT (vit.py) and a tiny causal text encoder (llama.py) trained contrastively (Radford et
+    al. 2021, §2.3) on freshly rendered scenes and their full descriptions, so the ViT's features say what is
+    where in words' terms; saved as an HF CLIPModel-style directory (vision_model.*, text_model.*, projections)
+  - a "Vicuna": the tiny LLaMA trained on next-token prediction over the Shapes text corpus; saved as an HF
+    LLaMA directory with the tokenizer
+Stages 1 and 2 then load them exactly as they load openai/clip-vit-large-patch14-336 and lmsys/vicuna-7b-v1.5.
+
+    python train.py --stage 0         # models/shapes-clip and models/shapes-llama (a few minutes on 2 CPU cores)
+"""
+import json
+import math
+import os
+import random
+import shutil
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import llama
+import shapes
+import vit
+from checkpoint import write_safetensors
+from data import Tokenizer, process_image
+
+
+def cosine(step, total, warmup=20):
+    return (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+
+class TinyCLIP(nn.Module):
+    def __init__(self, vcfg, tcfg, dim):
+        super().__init__()
+        self.vision_model, self.text_model = vit.VisionTransformer(vcfg), llama.Llama(tcfg)
+        self.visual_projection = nn.Linear(vcfg.hidden_size, dim, bias=False)
+        self.text_projection = nn.Linear(tcfg.hidden_size, dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))    # CLIP's initial temperature
+
+    def forward(self, pixels, ids, lengths):
+        img = F.normalize(self.visual_projection(self.vision_model.pooled(pixels)), dim=-1)      # (B, dim)
+        hidden = self.text_model(ids, return_hidden=True)                                         # (B, T, D)
+        txt = F.normalize(self.text_projection(hidden[torch.arange(len(ids)), lengths - 1]), dim=-1)   # at EOS
+        logits = self.logit_scale.exp().clamp(max=100) * img @ txt.t()                            # (B, B)
+        labels = torch.arange(len(ids))          # the i-th image belongs with the i-th text
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+def pretrain_clip(out, tok, steps=300, batch=128, lr=3e-4, seed=0):
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    vcfg = vit.PRESETS["shapes-tiny"]
+    tcfg = llama.LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
+    model = TinyCLIP(vcfg, tcfg, vcfg.projection_dim)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    for step in (bar := tqdm(range(steps), desc="stage 0: CLIP")):
+        # half the batch are "twins" of the other half with one attribute of one object changed (hard
+        # negatives, as NegCLIP): telling a scene from its twin takes shape, size and position, not just colour
+        scenes = [shapes.random_scene(rng) for _ in range(batch // 2)]
+        scenes += [shapes.twin(s, rng) for s in scenes]
+        pixels = torch.stack([process_image(shapes.render(s, rng), vcfg.image_size, "pad") for s in scenes])
+        texts = [tok.encode(shapes.describe(s)) + [tok.eos_id] for s in scenes]
+        lengths = torch.tensor([len(t) for t in texts])
+        ids = torch.tensor([t + [tok.pad_id] * (int(lengths.max()) - len(t)) for t in texts])   # right padding
+        for g in opt.param_groups:
+            g["lr"] = lr * cosine(step, steps)
+        loss = model(pixels, ids, lengths)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    os.makedirs(out, exist_ok=True)
+    write_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out, "model.safetensors"))
+    config = {"model_type": "clip", "architectures": ["CLIPModel"], "projection_dim": vcfg.projection_dim,
+              "vision_config": {k: v for k, v in vars(vcfg).items() if k not in ("image_mean", "image_std")}
+              | {"model_type": "clip_vision_model"}, "text_config": vars(tcfg) | {"model_type": "llama"}}
+    json.dump(config, open(os.path.join(out, "config.json"), "w"), indent=2)
+    json.dump({"image_mean": list(vcfg.image_mean), "image_std": list(vcfg.image_std), "size": vcfg.image_size,
+               "crop_size": vcfg.image_size, "resample": 3}, open(os.path.join(out, "preprocessor_config.json"), "w"),
+              indent=2)
+    return loss.item()
+
+
+def pretrain_llm(out, tok_path, corpus, steps=400, batch=32, seq=128, lr=3e-3, seed=0):
+    torch.manual_seed(seed)
+    tok = Tokenizer(tok_path)
+    docs = [d for d in open(corpus).read().split("\n\n") if d.strip()]
+    stream = torch.tensor([i for d in docs for i in tok.encode(d) + [tok.eos_id]])     # BOS text EOS, packed
+    cfg = llama.PRESETS["shapes-tiny"]
+    cfg = llama.LlamaConfig(**{**vars(cfg), "vocab_size": len(tok)})
+    model = llama.Llama(cfg)
+    model.init_weights()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    g = torch.Generator().manual_seed(seed)
+    for step in (bar := tqdm(range(steps), desc="stage 0: LLaMA")):
+        starts = torch.randint(0, len(stream) - seq - 1, (batch,), generator=g)
+        x = torch.stack([stream[s:s + seq + 1] for s in starts])          # (B, seq + 1) random windows
+        for p in opt.param_groups:
+            p["lr"] = lr * cosine(step, steps)
+        loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    os.makedirs(out, exist_ok=True)
+    write_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out, "model.safetensors"))
+    hf = {k: v for k, v in vars(cfg).items()} | {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                                                 "hidden_act": "silu"}
+    json.dump(hf, open(os.path.join(out, "config.json"), "w"), indent=2)
+    shutil.copyfile(tok_path, os.path.join(out, "tokenizer.model"))
+    return loss.item()
+
+
+def main(cfg):
+    data = os.path.dirname(cfg.data) if cfg.data.endswith(".json") else cfg.data
+    if not os.path.exists(os.path.join(data, "corpus.txt")):
+        shapes.generate(data)
+    tok_path = os.path.join(data, "tokenizer.model")
+    clip_loss = pretrain_clip(cfg.vision_tower, Tokenizer(tok_path), seed=cfg.seed)
+    lm_loss = pretrain_llm(cfg.model_base, tok_path, os.path.join(data, "corpus.txt"), seed=cfg.seed)
+    print(f"stage 0 done: CLIP loss {clip_loss:.3f} -> {cfg.vision_tower}; LLaMA loss {lm_loss:.3f} -> "
+          f"{cfg.model_base}")
+    return 0

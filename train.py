@@ -1,0 +1,487 @@
+"""
+Train LLaVA in two stages (paper §4.2; LLaVA-1.5 scripts/v1_5/pretrain.sh, finetune.sh, finetune_lora.sh):
+
+  stage 1  feature alignment: CLIP and the LLM frozen, only the projector learns to caption (`plain` template)
+  stage 2  visual instruction tuning: the projector and the LLM (full, or LoRA) learn to follow instructions
+  stage 0  (the tiny Shapes world only) what OpenAI and LMSYS did for the real model: pretrain CLIP and the LLM
+
+    python train.py --stage 1          # the Shapes world on a CPU: data made if missing, bundled stage-0 models
+    python train.py --stage 2          # continues from stage 1's output
+    python train.py --stage 2 --preset llava-1.5 --lora --projector models/llava-stage1 --data mix665k.json ...
+    torchrun --standalone --nproc_per_node=8 train.py --stage 2 --preset llava-1.5 ...   # same global batch
+
+Outputs: the model in --out (models/), resumable snapshots in --ckpt-dir (checkpoints/), loss.png and
+metrics.json in --log-dir (output/). Ctrl-C saves a checkpoint; --resume continues exactly where it stopped.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from checkpoint import CheckpointError, load_components, write_safetensors
+from data import DataError, LlavaDataset, Tokenizer, collate, modality_grouped_order
+from lora import apply_lora, merge_lora, save_adapter
+from model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Llava
+
+
+class UsageError(Exception):
+    """Settings that cannot work together; reported in one line."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C, SIGTERM or --stop-after: the checkpoint is saved; --resume continues."""
+
+
+@dataclass
+class TrainConfig:
+    stage: int = 1
+    data: str = "data/shapes/pretrain.json"       # LLaVA JSON: LCS-558K (stage 1), mix665k (stage 2)
+    image_folder: str = "data/shapes"
+    val_data: str = ""                             # a held-out LLaVA JSON; default: val_samples held out of `data`
+    val_samples: int = 200
+    model_base: str = "models/shapes-llama"        # stage 1: the LLM (HF LLaMA/Vicuna dir)
+    vision_tower: str = "models/shapes-clip"       # stage 1: the CLIP dir
+    projector: str = "models/shapes-stage1"        # stage 2: stage 1's output dir
+    out: str = "models/shapes-stage1"
+    ckpt_dir: str = ""                             # default checkpoints/<name of out>
+    log_dir: str = ""                              # default output/<name of out>
+    template: str = "plain"
+    image_aspect_ratio: str = "square"             # stage 1 never set it (crop); stage 2 pads
+    projector_type: str = "mlp2x_gelu"
+    lr: float = 1e-3
+    projector_lr: float = 0.0                      # 0: same as lr (LoRA: the projector learns at 2e-5)
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    epochs: float = 1.0
+    max_steps: int = 0                             # 0: the whole schedule
+    stop_after: int = 0                            # save and exit after this step (a job's time limit); --resume
+    batch_size: int = 256                          # global: micro_batch x accumulation x GPUs
+    micro_batch: int = 32
+    max_length: int = 2048                         # text tokens, before each image becomes N positions
+    grad_clip: float = 0.0                         # the official runs had none (DeepSpeed configs set none)
+    lora: bool = False
+    lora_r: int = 128
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
+    group_by_modality: bool = False
+    grad_checkpointing: bool = False
+    compile: bool = False
+    eval_every: int = 0                            # steps between validation losses (0: at the end only)
+    ckpt_every: int = 100
+    num_workers: int = 2
+    seed: int = 42
+    resume: bool = False
+
+
+PRESETS = {   # --preset NAME --stage N picks f"{NAME}-stage{N}"; every field can be overridden on the command line
+    "shapes-stage1": TrainConfig(lr=2e-3, batch_size=64, micro_batch=32, epochs=1, val_samples=128, eval_every=50,
+                                 num_workers=1, grad_clip=1.0),
+    "shapes-stage2": TrainConfig(stage=2, data="data/shapes/instruct.json", out="models/shapes-llava",
+                                 template="vicuna_v1", image_aspect_ratio="pad", lr=5e-4, batch_size=32,
+                                 micro_batch=32, epochs=2, val_samples=128, eval_every=100, num_workers=1,
+                                 group_by_modality=True, grad_clip=1.0),
+    "llava-1.5-stage1": TrainConfig(data="", image_folder="", model_base="", vision_tower="", out="",
+                                    grad_checkpointing=True, val_samples=1000, eval_every=200, num_workers=4),
+    "llava-1.5-stage2": TrainConfig(stage=2, data="", image_folder="", projector="", out="", template="vicuna_v1",
+                                    image_aspect_ratio="pad", lr=2e-5, batch_size=128, micro_batch=16,
+                                    group_by_modality=True, grad_checkpointing=True, val_samples=1000,
+                                    eval_every=200, num_workers=4),
+}
+LORA = dict(lr=2e-4, projector_lr=2e-5)            # finetune_lora.sh
+
+
+# ------------------------------------------------------------------------------------------------- model setup
+def build_model(cfg, device, dtype):
+    """Load the stage's starting point and freeze by hand: nothing learns unless this says so."""
+    if cfg.stage == 1:
+        model = load_components(Llava, cfg.model_base, cfg.vision_tower, cfg.projector_type, dtype=dtype,
+                                device=device)
+    else:
+        model = Llava.from_pretrained(cfg.projector, dtype=dtype, device=device)   # base LLM + projector + CLIP
+    model.cfg = replace(model.cfg, conv_template=cfg.template, image_aspect_ratio=cfg.image_aspect_ratio)
+    model.requires_grad_(False)
+    model.mm_projector.requires_grad_(True)        # stage 1 and 2
+    if cfg.stage == 2 and cfg.lora:
+        apply_lora(model.language_model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)   # adapters trainable
+    elif cfg.stage == 2:
+        model.language_model.requires_grad_(True)
+    for p in model.parameters():                   # trainable weights keep fp32 masters; autocast computes in bf16
+        if p.requires_grad:
+            p.data = p.data.float()
+    model.vision_tower.eval()                      # frozen in every stage, and always run under no_grad
+    model.language_model.grad_checkpointing = cfg.grad_checkpointing
+    if cfg.compile:
+        for block in model.language_model.model.layers:
+            block.compile(dynamic=True)
+    return model
+
+
+def make_optimizer(model, cfg, device):
+    proj = [p for p in model.mm_projector.parameters() if p.requires_grad]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("mm_projector.")]
+    groups = [dict(params=rest, lr=cfg.lr), dict(params=proj, lr=cfg.projector_lr or cfg.lr)]
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    return torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.999), eps=1e-8,
+                             weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+
+
+def lr_factor(step, total, warmup_ratio):         # HF get_cosine_schedule_with_warmup, as the official runs
+    warmup = math.ceil(warmup_ratio * total)
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def flops_per_token(model, cfg):
+    """Model FLOPs per LLM position (llm-foundry's MFU convention, recompute not counted): forward 2N, the
+    gradient w.r.t. activations 2N (needed in every stage: the projector sits below the whole LLM), and the
+    gradient w.r.t. weights 2N for trainable weights only; plus CLIP's forward per image position."""
+    n_llm = sum(p.numel() for n, p in model.language_model.named_parameters() if "embed_tokens" not in n)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_vit = sum(p.numel() for p in model.vision_tower.parameters())
+    return 4 * n_llm + 2 * n_train, 2 * n_vit * (model.cfg.vision.num_patches + 1) / model.cfg.image_tokens
+
+
+# ------------------------------------------------------------------------------------------------------ data
+def step_batches(order, step, cfg, rank, world):
+    """The micro-batches (lists of sample indices) this rank runs in optimizer step `step`."""
+    G, m = cfg.batch_size, cfg.micro_batch
+    chunk = order[step * G:(step + 1) * G]
+    return [chunk[(a * world + rank) * m:(a * world + rank + 1) * m] for a in range(G // (m * world))]
+
+
+def epoch_order(train_idx, lengths, cfg, epoch):
+    g = torch.Generator().manual_seed(cfg.seed + epoch)
+    if cfg.group_by_modality:
+        return [train_idx[i] for i in modality_grouped_order(lengths[train_idx], cfg.batch_size, g)]
+    return [train_idx[i] for i in torch.randperm(len(train_idx), generator=g).tolist()]
+
+
+def quiet_worker(_):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C reaches the whole process group: the main process
+                                                   # saves a checkpoint, so the data workers must not die first
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def validate(model, loader, device, ctx, world):
+    model.eval()
+    total = torch.zeros(2, device=device)          # (sum of token losses, tokens)
+    for batch in loader:
+        batch = to_device(batch, device)
+        with ctx:
+            out = model(batch["input_ids"], batch["images"], batch["labels"], batch["attention_mask"],
+                        return_logits=False)
+        total += torch.stack([out.loss.float() * out.n_tokens, out.n_tokens.float()])
+    if world > 1:
+        dist.all_reduce(total)
+    model.train()
+    getattr(model, "module", model).vision_tower.eval()     # (under DDP the model is wrapped in .module)
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path, model, opt, scaler, step, metrics, cfg):
+    """Everything needed to continue exactly: trainable weights, optimizer, step, RNG; written atomically."""
+    state = dict(step=step, config=asdict(cfg), metrics=metrics, optimizer=opt.state_dict(), scaler=scaler.state_dict(),
+                 trainable={n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+                 rng=dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
+                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)                # a crash mid-write never corrupts the last good checkpoint
+
+
+def load_checkpoint(path, model, opt, scaler, cfg):
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)   # our own file: optimizer + RNG state
+    except (OSError, RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{path}: cannot resume from it ({str(e).splitlines()[0]})") from None
+    old = {k: v for k, v in state["config"].items() if k not in ("resume", "max_steps", "stop_after", "ckpt_every",
+                                                                      "eval_every", "num_workers")}
+    new = {k: v for k, v in asdict(cfg).items() if k in old}
+    if old != new:
+        diff = [k for k in old if old[k] != new[k]]
+        raise CheckpointError(f"{path}: was written with other settings ({', '.join(diff)}); resume with the same ones")
+    params = dict(model.named_parameters())
+    for n, t in state["trainable"].items():
+        params[n].data.copy_(t)
+    opt.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state["step"], state["metrics"]
+
+
+def export(model, cfg, tok_path):
+    """Stage 1: the projector, as ours and as the official mm_projector.bin + config.json. Stage 2: the merged
+    model in our format (from_pretrained and chat.py load it), and a LoRA run's adapter on its own."""
+    os.makedirs(cfg.out, exist_ok=True)
+    sd = {"mm_projector." + k: v.detach().cpu().contiguous() for k, v in model.mm_projector.state_dict().items()}
+    if cfg.stage == 1:
+        write_safetensors(sd, os.path.join(cfg.out, "mm_projector.safetensors"))
+        torch.save({"model." + k: v for k, v in sd.items()}, os.path.join(cfg.out, "mm_projector.bin"))
+        c = model.cfg
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:   # the official stage-1 config, paths relative
+            json.dump(json.load(open(os.path.join(cfg.model_base, "config.json"))) | dict(
+                _name_or_path=os.path.relpath(cfg.model_base, cfg.out), model_type="llava",
+                mm_vision_tower=os.path.relpath(cfg.vision_tower, cfg.out), mm_hidden_size=c.vision.hidden_size,
+                mm_projector_type=c.projector_type, mm_vision_select_layer=c.vision_feature_layer,
+                mm_vision_select_feature=c.vision_feature_select, image_aspect_ratio=c.image_aspect_ratio,
+                mm_use_im_start_end=False, mm_use_im_patch_token=False, tune_mm_mlp_adapter=True), f, indent=2)
+        return
+    if cfg.lora:
+        save_adapter(model, os.path.join(cfg.out, "adapter"), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                     base_path=cfg.projector)
+        merge_lora(model.language_model)
+    model.save_pretrained(cfg.out, tokenizer_path=tok_path)
+
+
+def plot(metrics, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [m["step"] for m in metrics["train"]]
+    ax.plot(steps, [m["loss"] for m in metrics["train"]], lw=1, label="train")
+    if metrics["val"]:
+        ax.plot([m["step"] for m in metrics["val"]], [m["loss"] for m in metrics["val"]], "o-", label="validation")
+    ax.set(xlabel="optimizer step", ylabel="loss (token mean)", title=metrics["title"])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
+# ------------------------------------------------------------------------------------------------------- train
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "RTX 4090": 165e12}
+
+
+def train(cfg: TrainConfig):
+    # DDP the nanoGPT way: torchrun sets RANK/WORLD_SIZE; each process runs this same code on its share
+    ddp = "RANK" in os.environ
+    rank, world, local = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+                          ) if ddp else (0, 1, 0)
+    cuda = torch.cuda.is_available()
+    if ddp:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # `--tf32 True`
+    master = rank == 0
+    torch.manual_seed(cfg.seed)
+    # bf16 autocast where the GPU has it; fp16 with loss scaling where not; fp32 on the CPU
+    amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
+    ctx = torch.autocast("cuda", dtype=amp) if amp else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    if cfg.batch_size % (cfg.micro_batch * world):
+        raise UsageError(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch {cfg.micro_batch} "
+                         f"x {world} processes")
+    A = cfg.batch_size // (cfg.micro_batch * world)          # gradient accumulation steps
+    name = os.path.basename(os.path.normpath(cfg.out))
+    ckpt_path = os.path.join(cfg.ckpt_dir or os.path.join("checkpoints", name), "ckpt.pt")
+    log_dir = cfg.log_dir or os.path.join("output", name)
+    if cfg.resume and not os.path.exists(ckpt_path):
+        raise CheckpointError(f"{ckpt_path}: no checkpoint to resume from")
+
+    model = build_model(cfg, device, amp or torch.float32)
+    if model.tokenizer_path is None:
+        raise CheckpointError(f"{cfg.model_base if cfg.stage == 1 else cfg.projector}: no tokenizer.model")
+    tok = Tokenizer(model.tokenizer_path)
+    vc = model.cfg.vision
+    kw = dict(image_size=vc.image_size, aspect=cfg.image_aspect_ratio, mean=vc.image_mean, std=vc.image_std)
+    ds = LlavaDataset(cfg.data, tok, cfg.image_folder, cfg.template, **kw)
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    if cfg.val_data:
+        val_ds, val_idx, train_idx = LlavaDataset(cfg.val_data, tok, cfg.image_folder, cfg.template, **kw), None, perm
+        val_idx = list(range(len(val_ds)))
+    else:                                       # hold a fixed random subset of the training file out
+        val_ds, val_idx, train_idx = ds, perm[:cfg.val_samples], perm[cfg.val_samples:]
+    coll = lambda b: collate(b, tok.pad_id, cfg.max_length)
+    mine = val_idx[rank::world]
+    val_loader = torch.utils.data.DataLoader(val_ds, batch_sampler=[mine[i:i + cfg.micro_batch] for i in range(
+        0, len(mine), cfg.micro_batch)], collate_fn=coll)
+    steps_per_epoch = len(train_idx) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise DataError(f"{cfg.data}: {len(train_idx)} training samples, fewer than one batch of {cfg.batch_size}")
+    total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+
+    opt = make_optimizer(model, cfg, device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    step, metrics = 0, dict(title=f"stage {cfg.stage}: {name}", train=[], val=[], skipped=[], config=asdict(cfg))
+    if cfg.resume:
+        step, metrics = load_checkpoint(ckpt_path, model, opt, scaler, cfg)
+    raw = model
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if cuda else None)
+    f_tok, f_img = flops_per_token(raw, cfg)
+    peak = next((v for k, v in PEAK_BF16.items() if cuda and k in torch.cuda.get_device_name()), None)
+    N = raw.cfg.image_tokens
+
+    stop = []                                   # Ctrl-C / SIGTERM: finish the step, save, exit
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.append(1))
+    bar = tqdm(total=total, initial=step, disable=not master, desc=f"stage {cfg.stage}", dynamic_ncols=True)
+    t_start = time.time()
+    while step < total:
+        epoch, first = divmod(step, steps_per_epoch)
+        order = epoch_order(train_idx, ds.modality_lengths, cfg, epoch)
+        plan = [b for s in range(first, steps_per_epoch) for b in step_batches(order, s, cfg, rank, world)]
+        loader = iter(torch.utils.data.DataLoader(ds, batch_sampler=plan, collate_fn=coll, num_workers=cfg.num_workers,
+                                                  pin_memory=cuda, worker_init_fn=quiet_worker,
+                                                  generator=torch.Generator().manual_seed(0)))   # not the global RNG
+        for _ in range(first, steps_per_epoch):
+            t0 = time.time()
+            mbs = [to_device(next(loader), device) for _ in range(A)]
+            # the loss is a mean over every supervised token of the global batch (all micro-batches, all ranks),
+            # so the result does not depend on how the batch is split: the official code averages per micro-batch
+            counts = torch.stack([sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in mbs),
+                                  sum(b["attention_mask"].sum() + (N - 1) * (b["input_ids"] == IMAGE_TOKEN_INDEX).sum()
+                                      for b in mbs), torch.tensor(sum(len(b["skipped"]) for b in mbs), device=device)])
+            if ddp:
+                dist.all_reduce(counts)
+            n_tok = counts[0].clamp(min=1)
+            lr = lr_factor(step, total, cfg.warmup_ratio)
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * lr
+            loss_sum = torch.zeros((), device=device)
+            for a, b in enumerate(mbs):
+                if ddp:                         # all-reduce gradients on the last micro-batch only
+                    model.require_backward_grad_sync = a == A - 1
+                if b["input_ids"].numel() == 0:     # every sample's image was unreadable: a no-op batch
+                    b = dict(b, input_ids=torch.zeros(1, 1, dtype=torch.long, device=device),
+                             labels=torch.full((1, 1), IGNORE_INDEX, device=device),
+                             attention_mask=torch.ones(1, 1, dtype=torch.bool, device=device))
+                with ctx:
+                    out = model(b["input_ids"], b["images"], b["labels"], b["attention_mask"], return_logits=False)
+                loss = out.loss * out.n_tokens / n_tok * world        # DDP averages over ranks: undo it
+                if b["images"] is None:         # keep the projector in the graph, or DDP waits for its gradient
+                    loss = loss + 0 * sum(p.sum() for p in raw.mm_projector.parameters())
+                scaler.scale(loss).backward()
+                loss_sum += out.loss.detach() * out.n_tokens
+            if cfg.grad_clip:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            if ddp:
+                dist.all_reduce(loss_sum)
+            dt = time.time() - t0
+            rec = dict(step=step, loss=(loss_sum / n_tok).item(), lr=lr * cfg.lr, tokens_per_s=counts[1].item() / dt)
+            metrics["train"].append(rec)
+            metrics["skipped"] += [s for b in mbs for s in b["skipped"]]
+            post = dict(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            if peak:
+                post["mfu"] = f"{rec['tokens_per_s'] * (f_tok + f_img) / peak:.1%}"
+            if metrics["skipped"]:
+                post["skipped"] = len(metrics["skipped"])
+            bar.set_postfix(post, refresh=False)
+            bar.update(1)
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
+                metrics["val"].append(dict(step=step, loss=validate(model, val_loader, device, ctx, world)))
+                bar.write(f"step {step}: validation loss {metrics['val'][-1]['loss']:.4f}") if master else None
+            interrupted = torch.tensor(float(bool(stop) or step == cfg.stop_after), device=device)
+            if ddp:                             # every rank must stop at the same step
+                dist.all_reduce(interrupted)
+            if master and (step % cfg.ckpt_every == 0 or step == total or interrupted):
+                metrics["wall_time_s"] = metrics.get("wall_time_s", 0) + time.time() - t_start
+                t_start = time.time()
+                save_checkpoint(ckpt_path, raw, opt, scaler, step, metrics, cfg)
+                write_records(metrics, log_dir)
+            if interrupted:
+                bar.close()
+                if ddp:
+                    dist.destroy_process_group()
+                raise Interrupted(f"stopped at step {step}/{total}: checkpoint saved to {ckpt_path}; continue "
+                                  f"with --resume")
+            if step >= total:
+                break
+    bar.close()
+    if ddp:
+        dist.destroy_process_group()
+    raw.metrics, raw.log_dir = metrics, log_dir
+    return raw if master else None                 # the trained model (unmerged), for export on rank 0
+
+
+def write_records(metrics, log_dir):
+    os.makedirs(log_dir, exist_ok=True)
+    with open(os.path.join(log_dir, "metrics.json.tmp"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    os.replace(os.path.join(log_dir, "metrics.json.tmp"), os.path.join(log_dir, "metrics.json"))
+    plot(metrics, os.path.join(log_dir, "loss.png"))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="shapes", help="shapes (the tiny world, default) or llava-1.5")
+    for f in fields(TrainConfig):               # every config field is a flag: --micro-batch 8, --no-lora ...
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            p.add_argument(flag, type={"int": int, "float": float, "str": str}.get(str(f.type), f.type), default=None)
+    args = p.parse_args(argv)
+    stage = args.stage if args.stage is not None else 1
+    key = f"{args.preset}-stage{max(1, min(stage, 2))}"   # stage 0 writes where stage 1 reads
+    if key not in PRESETS:
+        p.error(f"no preset {args.preset!r}: choose shapes or llava-1.5")
+    over = {k: v for k, v in vars(args).items() if k in {f.name for f in fields(TrainConfig)} and v is not None}
+    cfg = replace(PRESETS[key], **({**LORA} if over.get("lora") and args.preset != "shapes" else {}), **over)
+    if args.preset == "llava-1.5":
+        missing = [f for f in (("data", "image_folder", "model_base", "vision_tower") if stage == 1 else
+                               ("data", "image_folder", "projector")) + ("out",) if not getattr(cfg, f)]
+        if missing:
+            p.error("--preset llava-1.5 needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
+    return cfg
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    try:
+        if cfg.stage == 0:
+            import stage0
+            return stage0.main(cfg)
+        if cfg.data.startswith("data/shapes") and not os.path.exists(cfg.data):
+            import shapes                       # a fresh clone: make the Shapes world first (about 10 s)
+            shapes.generate("data/shapes")
+        model = train(cfg)
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        return 130                                 # the shell's code for "ended by Ctrl-C"
+    except (DataError, CheckpointError, UsageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if model is not None:                          # rank 0 writes the result
+        export(model, cfg, model.tokenizer_path)
+        m = model.metrics
+        print(f"stage {cfg.stage} done: {len(m['train'])} steps, final loss {m['train'][-1]['loss']:.4f}, validation "
+              f"{m['val'][-1]['loss']:.4f}; model in {cfg.out}, records in {model.log_dir}"
+              + (f"; {len(m['skipped'])} unreadable images skipped" if m["skipped"] else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
