@@ -17,10 +17,12 @@ import json
 import mmap
 import os
 import pickle
+import random
 import shutil
 import sys
 import zipfile
 
+import numpy as np
 import torch
 import torch.nn as nn
 from tqdm import tqdm
@@ -321,3 +323,79 @@ def save_llava(model, directory, tokenizer_path=None):
     target = os.path.join(directory, "tokenizer.model")
     if tokenizer_path and os.path.abspath(tokenizer_path) != os.path.abspath(target):
         shutil.copyfile(tokenizer_path, target)
+
+
+def save_projector(model, directory, model_base, vision_tower):
+    """Stage 1's output: the projector as ours and as the official mm_projector.bin, with the official-style
+    config.json (paths relative to the directory) that lets from_pretrained stack it on its base LLM and CLIP."""
+    os.makedirs(directory, exist_ok=True)
+    sd = {"mm_projector." + k: v.detach().cpu().contiguous() for k, v in model.mm_projector.state_dict().items()}
+    write_safetensors(sd, os.path.join(directory, "mm_projector.safetensors"))
+    torch.save({"model." + k: v for k, v in sd.items()}, os.path.join(directory, "mm_projector.bin"))
+    c = model.cfg
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(read_json(os.path.join(model_base, "config.json")) | dict(
+            _name_or_path=os.path.relpath(model_base, directory), model_type="llava",
+            mm_vision_tower=os.path.relpath(vision_tower, directory), mm_hidden_size=c.vision.hidden_size,
+            mm_projector_type=c.projector_type, mm_vision_select_layer=c.vision_feature_layer,
+            mm_vision_select_feature=c.vision_feature_select, image_aspect_ratio=c.image_aspect_ratio,
+            mm_use_im_start_end=False, mm_use_im_patch_token=False, tune_mm_mlp_adapter=True), f, indent=2)
+
+
+# ------------------------------------------------------------------------------- resumable training snapshots
+def save_snapshot(path, model, opt, scaler, step, metrics, config: dict):
+    """Everything train.py needs to continue exactly: trainable weights, optimizer, loss scaler, step (which
+    fixes the data position), RNG states, the records so far; written atomically."""
+    state = dict(step=step, config=config, metrics=metrics, optimizer=opt.state_dict(), scaler=scaler.state_dict(),
+                 trainable={n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+                 rng=dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
+                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)                # a crash mid-write never corrupts the last good snapshot
+
+
+def load_snapshot(path, model, opt, scaler, config: dict):
+    """Restore save_snapshot's state in place; returns (step, metrics). Refuses a run with other settings."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)   # our own file: optimizer + RNG state
+    except (OSError, RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{path}: cannot resume from it ({str(e).splitlines()[0]})") from None
+    free = ("resume", "max_steps", "stop_after", "ckpt_every", "eval_every", "num_workers")   # may change
+    diff = [k for k, v in state["config"].items() if k not in free and config.get(k) != v]
+    if diff:
+        raise CheckpointError(f"{path}: was written with other settings ({', '.join(diff)}); resume with the same ones")
+    params = dict(model.named_parameters())
+    for n, t in state["trainable"].items():
+        params[n].data.copy_(t)
+    opt.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state["step"], state["metrics"]
+
+
+def to_half(directory):
+    """Store every floating-point weight of a directory's .safetensors files in fp16 (the bundled tiny models:
+    half the bytes in git; from_pretrained casts back to the dtype it loads in)."""
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            path = os.path.join(directory, name)
+            write_safetensors({k: v.half() if v.is_floating_point() else v for k, v in read_safetensors(path)}, path)
+
+
+def build_parser():
+    import argparse
+    p = argparse.ArgumentParser(description="checkpoint tools")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("half", help="store a model directory's weights in fp16, in place").add_argument("dirs", nargs="+")
+    return p
+
+
+if __name__ == "__main__":
+    for d in build_parser().parse_args().dirs:
+        to_half(d)

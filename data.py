@@ -355,7 +355,7 @@ def modality_grouped_order(lengths, group, generator=None):
 
 
 # --------------------------------------------------------------------------------------------------------- CLI
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("check", help="report every problem in a LLaVA JSON file")
@@ -368,7 +368,11 @@ def main(argv=None):
     s.add_argument("--n-pretrain", type=int, default=None)
     s.add_argument("--n-instruct", type=int, default=None)
     s.add_argument("--n-eval", type=int, default=None)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     try:
         if args.cmd == "check":
             _, spans, _, problems = scan_json(args.json, args.template, args.image_folder)

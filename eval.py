@@ -83,7 +83,7 @@ def score(questions, answers):
     return {c: dict(accuracy=sum(v) / len(v), n=len(v)) for c, v in sorted(hits.items())}
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="models/shapes-llava")
     p.add_argument("--vision-tower", default=None, help="the CLIP dir, for checkpoints that do not include it")
@@ -97,7 +97,11 @@ def main(argv=None):
     p.add_argument("--blind", action="store_true", help="a blank image instead of the real one")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     try:
         if args.questions == "data/shapes/eval.jsonl" and not os.path.exists(args.questions):
             import shapes

@@ -6,11 +6,9 @@ LLaVA: a CLIP vision encoder, a projector, and a LLaMA decoder, glued by splicin
 
 Paper: Liu et al. 2023 "Visual Instruction Tuning" §4.1 (architecture); Liu et al. 2023 "Improved Baselines
 with Visual Instruction Tuning" (LLaVA-1.5). Official code: llava/model/llava_arch.py
-(`prepare_inputs_labels_for_multimodal` is `Llava.splice` here). Checkpoint loading for every published
-layout is at the bottom of this file; the formats are in DESIGN.md §4.
+(`prepare_inputs_labels_for_multimodal` is `Llava.splice` here). `from_pretrained` / `save_pretrained` hand over
+to checkpoint.py, which reads every published layout (DESIGN.md §4).
 """
-import json
-import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import NamedTuple
 

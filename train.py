@@ -18,18 +18,16 @@ import contextlib
 import json
 import math
 import os
-import random
 import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, load_components, write_safetensors
+from checkpoint import CheckpointError, load_components, load_snapshot, save_projector, save_snapshot
 from data import DataError, LlavaDataset, Tokenizer, collate, modality_grouped_order
 from lora import apply_lora, merge_lora, save_adapter
 from model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Llava
@@ -87,10 +85,12 @@ class TrainConfig:
 PRESETS = {   # --preset NAME --stage N picks f"{NAME}-stage{N}"; every field can be overridden on the command line
     "shapes-stage1": TrainConfig(lr=2e-3, batch_size=64, micro_batch=32, epochs=1, val_samples=128, eval_every=50,
                                  num_workers=1, grad_clip=1.0),
+    # the projector learns at 10x the LLM's lr: at 5e-4 the tiny LLM never came to read colours off the image
+    # (16% on the eval, chance), at 5e-3 it begins to (30%)
     "shapes-stage2": TrainConfig(stage=2, data="data/shapes/instruct.json", out="models/shapes-llava",
-                                 template="vicuna_v1", image_aspect_ratio="pad", lr=5e-4, batch_size=32,
-                                 micro_batch=32, epochs=2, val_samples=128, eval_every=100, num_workers=1,
-                                 group_by_modality=True, grad_clip=1.0),
+                                 template="vicuna_v1", image_aspect_ratio="pad", lr=5e-4, projector_lr=5e-3,
+                                 batch_size=32, micro_batch=32, epochs=2, val_samples=128, eval_every=100,
+                                 num_workers=1, group_by_modality=True, grad_clip=1.0),
     "llava-1.5-stage1": TrainConfig(data="", image_folder="", model_base="", vision_tower="", out="",
                                     grad_checkpointing=True, val_samples=1000, eval_every=200, num_workers=4),
     "llava-1.5-stage2": TrainConfig(stage=2, data="", image_folder="", projector="", out="", template="vicuna_v1",
@@ -195,60 +195,11 @@ def validate(model, loader, device, ctx, world):
     return (total[0] / total[1].clamp(min=1)).item()
 
 
-# ------------------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path, model, opt, scaler, step, metrics, cfg):
-    """Everything needed to continue exactly: trainable weights, optimizer, step, RNG; written atomically."""
-    state = dict(step=step, config=asdict(cfg), metrics=metrics, optimizer=opt.state_dict(), scaler=scaler.state_dict(),
-                 trainable={n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-                 rng=dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
-                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)                # a crash mid-write never corrupts the last good checkpoint
-
-
-def load_checkpoint(path, model, opt, scaler, cfg):
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)   # our own file: optimizer + RNG state
-    except (OSError, RuntimeError, EOFError) as e:
-        raise CheckpointError(f"{path}: cannot resume from it ({str(e).splitlines()[0]})") from None
-    old = {k: v for k, v in state["config"].items() if k not in ("resume", "max_steps", "stop_after", "ckpt_every",
-                                                                      "eval_every", "num_workers")}
-    new = {k: v for k, v in asdict(cfg).items() if k in old}
-    if old != new:
-        diff = [k for k in old if old[k] != new[k]]
-        raise CheckpointError(f"{path}: was written with other settings ({', '.join(diff)}); resume with the same ones")
-    params = dict(model.named_parameters())
-    for n, t in state["trainable"].items():
-        params[n].data.copy_(t)
-    opt.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    rng = state["rng"]
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return state["step"], state["metrics"]
-
-
 def export(model, cfg, tok_path):
     """Stage 1: the projector, as ours and as the official mm_projector.bin + config.json. Stage 2: the merged
     model in our format (from_pretrained and chat.py load it), and a LoRA run's adapter on its own."""
-    os.makedirs(cfg.out, exist_ok=True)
-    sd = {"mm_projector." + k: v.detach().cpu().contiguous() for k, v in model.mm_projector.state_dict().items()}
     if cfg.stage == 1:
-        write_safetensors(sd, os.path.join(cfg.out, "mm_projector.safetensors"))
-        torch.save({"model." + k: v for k, v in sd.items()}, os.path.join(cfg.out, "mm_projector.bin"))
-        c = model.cfg
-        with open(os.path.join(cfg.out, "config.json"), "w") as f:   # the official stage-1 config, paths relative
-            json.dump(json.load(open(os.path.join(cfg.model_base, "config.json"))) | dict(
-                _name_or_path=os.path.relpath(cfg.model_base, cfg.out), model_type="llava",
-                mm_vision_tower=os.path.relpath(cfg.vision_tower, cfg.out), mm_hidden_size=c.vision.hidden_size,
-                mm_projector_type=c.projector_type, mm_vision_select_layer=c.vision_feature_layer,
-                mm_vision_select_feature=c.vision_feature_select, image_aspect_ratio=c.image_aspect_ratio,
-                mm_use_im_start_end=False, mm_use_im_patch_token=False, tune_mm_mlp_adapter=True), f, indent=2)
-        return
+        return save_projector(model, cfg.out, cfg.model_base, cfg.vision_tower)
     if cfg.lora:
         save_adapter(model, os.path.join(cfg.out, "adapter"), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                      base_path=cfg.projector)
@@ -278,6 +229,16 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A1
 
 
 def train(cfg: TrainConfig):
+    """Run a stage; return the trained (unmerged) model on rank 0, None on the others."""
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _train(cfg)
+    finally:                                      # give Ctrl-C back as it was (a notebook kernel needs it)
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _train(cfg: TrainConfig):
     # DDP the nanoGPT way: torchrun sets RANK/WORLD_SIZE; each process runs this same code on its share
     ddp = "RANK" in os.environ
     rank, world, local = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
@@ -331,7 +292,7 @@ def train(cfg: TrainConfig):
     trainable = [p for p in model.parameters() if p.requires_grad]
     step, metrics = 0, dict(title=f"stage {cfg.stage}: {name}", train=[], val=[], skipped=[], config=asdict(cfg))
     if cfg.resume:
-        step, metrics = load_checkpoint(ckpt_path, model, opt, scaler, cfg)
+        step, metrics = load_snapshot(ckpt_path, model, opt, scaler, asdict(cfg))
     raw = model
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if cuda else None)
@@ -409,7 +370,7 @@ def train(cfg: TrainConfig):
             if master and (step % cfg.ckpt_every == 0 or step == total or interrupted):
                 metrics["wall_time_s"] = metrics.get("wall_time_s", 0) + time.time() - t_start
                 t_start = time.time()
-                save_checkpoint(ckpt_path, raw, opt, scaler, step, metrics, cfg)
+                save_snapshot(ckpt_path, raw, opt, scaler, step, metrics, asdict(cfg))
                 write_records(metrics, log_dir)
             if interrupted:
                 bar.close()

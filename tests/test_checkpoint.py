@@ -199,3 +199,20 @@ def test_our_safetensors_writer_is_read_by_the_safetensors_library(tmp_path):
     back = load_file(str(tmp_path / "x.safetensors"))
     assert all(torch.equal(back[k], v) for k, v in sd.items())
     assert all(torch.equal(v, sd[k]) for k, v in read_safetensors(str(tmp_path / "x.safetensors")))
+
+
+def test_to_half_keeps_the_model(tmp_path):
+    """The bundled tiny models are stored in fp16 (checkpoint.py half); they load back as fp32 models."""
+    from checkpoint import to_half
+    from model import PRESETS, Llava
+    m = Llava(PRESETS["shapes-tiny"])
+    m.language_model.init_weights()
+    m.save_pretrained(str(tmp_path))
+    before = os.path.getsize(tmp_path / "model.safetensors")
+    to_half(str(tmp_path))
+    assert os.path.getsize(tmp_path / "model.safetensors") < 0.51 * before
+    h = Llava.from_pretrained(str(tmp_path), dtype=torch.float32, device="cpu")
+    assert all(p.dtype == torch.float32 for p in h.parameters())
+    ids, img = torch.tensor([[1, 5, -200, 7]]), torch.randn(1, 3, 72, 72)
+    with torch.no_grad():
+        torch.testing.assert_close(h(ids, img), m(ids, img), rtol=0, atol=2e-3)
