@@ -1,0 +1,91 @@
+"""chat.py as a user runs it: a subprocess, with the bundled tiny LLaVA, one-shot, multi-turn and bad input."""
+import os
+import random
+import struct
+import subprocess
+import sys
+import zlib
+
+import pytest
+import torch
+
+import shapes
+from conftest import ROOT
+from data import CONV_TEMPLATES, IMAGE_TOKEN, Tokenizer, load_image, process_image, tokenizer_image_token
+from model import Llava
+
+BUNDLED = os.path.join(ROOT, "models", "shapes-llava")
+COUNT = "How many shapes are there?\n" + shapes.SHORT
+
+
+def chat(*argv, stdin=None):
+    return subprocess.run([sys.executable, "chat.py", *argv], cwd=ROOT, input=stdin, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def scene_png(tmp_path_factory):
+    scene = [dict(shape="circle", color="red", size="large", cell=0), dict(shape="square", color="blue",
+             size="small", cell=4), dict(shape="triangle", color="green", size="large", cell=8)]
+    path = str(tmp_path_factory.mktemp("chat") / "three.png")
+    shapes.render(scene, random.Random(0)).save(path)
+    return path
+
+
+def test_one_shot_answer(scene_png):
+    r = chat(scene_png, "-p", COUNT, "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "3"
+
+
+def test_two_turns_through_stdin_keep_the_history(scene_png):
+    """The second answer must be what the model says given the whole conversation, image included, run from
+    scratch (the official CLI's way): that proves the KV cache carried the first turn and the image."""
+    first, second = "How many shapes are there?", "What color is the circle?"      # one line each
+    r = chat(scene_png, "--temperature", "0", stdin=f"{first}\n{second}\n\n")
+    assert r.returncode == 0, r.stderr
+    replies = [line.split("ASSISTANT: ", 1)[1] for line in r.stdout.splitlines() if "ASSISTANT: " in line]
+    assert len(replies) == 2, r.stdout
+    model = Llava.from_pretrained(BUNDLED, dtype=torch.float32, device="cpu")
+    tok, t = Tokenizer(model.tokenizer_path), CONV_TEMPLATES["vicuna_v1"]
+    ids = tokenizer_image_token(t.prompt([IMAGE_TOKEN + "\n" + first, replies[0], second, None]), tok)
+    pixels = process_image(load_image(scene_png), 72, "pad")[None]
+    expect = model.generate(torch.tensor([ids]), pixels, max_new_tokens=32, eos_token_id=tok.eos_id)[0].tolist()
+    assert replies[1] == tok.decode(expect).strip()
+
+
+def png_chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, scene_png):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "empty.png").write_bytes(b"")
+    good = open(scene_png, "rb").read()
+    (d / "truncated.png").write_bytes(good[:len(good) // 2])
+    (d / "notes.png").write_text("these are my notes, not a picture\n")
+    # a valid PNG header claiming 30000 x 30000 pixels (900 M, over PIL's 179 M decompression-bomb limit)
+    ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    (d / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IEND", b""))
+    (d / "incomplete").mkdir()                                  # a model dir with a config and no weights
+    (d / "incomplete" / "config.json").write_text(open(os.path.join(BUNDLED, "config.json")).read())
+    return d
+
+
+@pytest.mark.parametrize("case", ["missing image", "directory", "zero-byte file", "truncated PNG", "text file .png",
+                                  "decompression bomb", "missing model dir", "incomplete model dir"])
+def test_bad_input_is_one_line_and_exit_2(case, bad_inputs, scene_png):
+    d = bad_inputs
+    argv = {"missing image": [str(d / "nope.png")], "directory": [str(d)], "zero-byte file": [str(d / "empty.png")],
+            "truncated PNG": [str(d / "truncated.png")], "text file .png": [str(d / "notes.png")],
+            "decompression bomb": [str(d / "bomb.png")],
+            "missing model dir": [scene_png, "--model", str(d / "no-such-model")],
+            "incomplete model dir": [scene_png, "--model", str(d / "incomplete")]}[case]
+    r = chat(*argv, "-p", "hi")
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    named = argv[2] if "model" in case else argv[0]
+    assert named in lines[0]                                     # the message names the file at fault
