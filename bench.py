@@ -1,0 +1,307 @@
+"""
+Speed and memory, side by side with transformers' LlavaForConditionalGeneration: same weights, same dtype, same
+device, same prompts, in one run. Each side uses the best attention it offers (ours: SDPA; HF: "sdpa").
+
+    python bench.py                                   # CPU: the bundled tiny LLaVA and a ~100M-parameter config
+    python bench.py --config 7b --device cuda --dtype bfloat16     # LLaVA-1.5-7B shapes, random weights
+    python bench.py --load models/llava-v1.5-7b       # peak RSS of loading a checkpoint, against its bf16 size
+
+Needs `transformers` (requirements-dev.txt): the reference is measured, never imported by the model code.
+Timings are medians over --iters runs after a warm-up. Results (and the machine) are written to --out as JSON.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import llama
+import vit
+from model import IMAGE_TOKEN_INDEX, LlavaConfig, Llava
+
+CONFIGS = {  # name -> (our config or a checkpoint dir, prompt text tokens, new tokens, training text tokens)
+    "tiny": ("models/shapes-llava", 40, 64, 96),
+    "100m": (LlavaConfig(vision=vit.VisionConfig(image_size=224, patch_size=16, hidden_size=384, intermediate_size=1536,
+                                                 num_hidden_layers=6, num_attention_heads=6, projection_dim=384),
+                         text=llama.LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048,
+                                                num_hidden_layers=8, num_attention_heads=12, num_key_value_heads=12,
+                                                max_position_embeddings=2048)), 64, 64, 256),
+    "7b": (LlavaConfig(vision=vit.PRESETS["clip-vit-large-patch14-336"], text=llama.PRESETS["vicuna-7b-v1.5"]),
+           64, 128, 2048 - 576),
+}
+
+
+# ---------------------------------------------------------------------------------------------- the two models
+def ours_to_hf_key(k):
+    if k.startswith("vision_tower."):
+        return "model." + k
+    if k.startswith("mm_projector."):
+        return "model.multi_modal_projector." + k[len("mm_projector."):].replace("0.", "linear_1.", 1).replace(
+            "2.", "linear_2.", 1)
+    if k.startswith("language_model.model."):
+        return "model.language_model." + k[len("language_model.model."):]
+    return k[len("language_model."):]                                  # lm_head.weight
+
+
+def build(name, device, dtype):
+    """Our model and the HF model holding exactly the same weights."""
+    from transformers import CLIPVisionConfig, LlavaConfig as HFConfig, LlavaForConditionalGeneration
+    from transformers import LlamaConfig as HFLlamaConfig
+    src = CONFIGS[name][0]
+    if isinstance(src, str):
+        ours = Llava.from_pretrained(src, dtype=dtype, device=device)
+    else:
+        torch.manual_seed(0)
+        with torch.device(device):
+            ours = Llava(src).to(dtype)
+        ours.language_model.init_weights()
+    c = ours.cfg
+    v, t = c.vision, c.text
+    image_token = t.vocab_size - 1                                     # HF marks image positions with a real id
+    hf_cfg = HFConfig(
+        vision_config=CLIPVisionConfig(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+                                       num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads,
+                                       image_size=v.image_size, patch_size=v.patch_size, projection_dim=v.projection_dim,
+                                       layer_norm_eps=v.layer_norm_eps, hidden_act=v.hidden_act),
+        text_config=HFLlamaConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size,
+                                  intermediate_size=t.intermediate_size, num_hidden_layers=t.num_hidden_layers,
+                                  num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_key_value_heads,
+                                  rms_norm_eps=t.rms_norm_eps, rope_theta=t.rope_theta, pad_token_id=t.pad_token_id,
+                                  max_position_embeddings=t.max_position_embeddings,
+                                  tie_word_embeddings=t.tie_word_embeddings),
+        image_token_index=image_token, image_seq_length=c.image_tokens, vision_feature_layer=c.vision_feature_layer,
+        vision_feature_select_strategy="default" if c.vision_feature_select == "patch" else "full",
+        projector_hidden_act="gelu")
+    with torch.device(device):
+        hf = LlavaForConditionalGeneration._from_config(hf_cfg, attn_implementation="sdpa", dtype=dtype)
+    hf.load_state_dict({ours_to_hf_key(k): p for k, p in ours.state_dict().items()}, strict=True)
+    ours.eval(), hf.eval()
+    return ours, hf, image_token
+
+
+def hf_ids(ids, image_token, n):
+    """Ours: one -200 per image. HF: the image token repeated once per image position."""
+    out = []
+    for row in ids.tolist():
+        out.append([x for i in row for x in ([image_token] * n if i == IMAGE_TOKEN_INDEX else [i])])
+    return torch.tensor(out, device=ids.device)
+
+
+# --------------------------------------------------------------------------------------------------- timing
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, iters, warmup=1):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def peak_memory(fn, device):
+    if device.type != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def prompts(c, batch, text_len, device, seed=0, ragged=False):
+    """Random text ids with one image placeholder after a short prefix; left-padded when ragged."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for b in range(batch):
+        n = text_len - (3 * b if ragged else 0)
+        ids = torch.randint(3, c.text.vocab_size - 1, (n,), generator=g).tolist()
+        rows.append([1] + ids[:4] + [IMAGE_TOKEN_INDEX] + ids[4:])
+    T = max(map(len, rows))
+    x = torch.tensor([[0] * (T - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows], device=device)
+    return x, mask
+
+
+# ------------------------------------------------------------------------------------------------- measures
+def bench_inference(ours, hf, image_token, args, device, dtype):
+    c, N = ours.cfg, ours.cfg.image_tokens
+    _, text_len, new_tokens, _ = CONFIGS[args.config]
+    S = c.vision.image_size
+    pix = torch.randn(1, 3, S, S, device=device, dtype=dtype)
+    ids, mask = prompts(c, 1, text_len, device)
+    hids = hf_ids(ids, image_token, N)
+    r = {}
+    with torch.inference_mode():
+        # correctness first: the same weights must give the same next-token logits
+        a = ours.prefill(ids, pix, ours.new_cache(1, ids.shape[1] + N + 8)).float()
+        b = hf(input_ids=hids, pixel_values=pix).logits[:, -1].float()
+        r["max |logit diff| vs HF"] = ((a - b).abs().max().item(), None)
+        r["image encoding (ms)"] = (
+            1e3 * timed(lambda: ours.encode_images(pix), device, args.iters),
+            1e3 * timed(lambda: hf.model.get_image_features(pixel_values=pix, vision_feature_layer=c.vision_feature_layer,
+                                                          vision_feature_select_strategy=hf.config.vision_feature_select_strategy),
+                        device, args.iters))
+        r["time to first token (ms)"] = (
+            1e3 * timed(lambda: ours.prefill(ids, pix, ours.new_cache(1, ids.shape[1] + N + 1)), device, args.iters),
+            1e3 * timed(lambda: hf(input_ids=hids, pixel_values=pix, use_cache=True, logits_to_keep=1), device,
+                        args.iters))
+        gen = ours_generate(ours, args)
+        for label, batch in (("decode, batch 1 (tok/s)", 1), ("decode, batch 8 (tok/s)", 8)):
+            x, m = prompts(c, batch, text_len, device, seed=batch, ragged=batch > 1)
+            hx, hm = hf_ids(x, image_token, N), hf_mask(x, m, N)
+            px = pix.expand(batch, -1, -1, -1)
+            t_ours = timed(lambda: gen(x, px, m, new_tokens), device, args.iters)
+            t_ours1 = timed(lambda: gen(x, px, m, 1), device, args.iters)
+            kw = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens, pad_token_id=0)
+            t_hf = timed(lambda: hf.generate(input_ids=hx, pixel_values=px, attention_mask=hm, **kw), device, args.iters)
+            kw1 = dict(kw, min_new_tokens=1, max_new_tokens=1)
+            t_hf1 = timed(lambda: hf.generate(input_ids=hx, pixel_values=px, attention_mask=hm, **kw1), device,
+                          args.iters)
+            # decode speed: the tokens after the first, over the time after the first (prefill excluded)
+            r[label] = (batch * (new_tokens - 1) / (t_ours - t_ours1), batch * (new_tokens - 1) / (t_hf - t_hf1))
+        r["peak memory, generate (GiB)"] = (
+            peak_memory(lambda: gen(ids, pix, mask, new_tokens), device),
+            peak_memory(lambda: hf.generate(input_ids=hids, pixel_values=pix, do_sample=False,
+                                            max_new_tokens=new_tokens, pad_token_id=0), device))
+    return r
+
+
+def hf_mask(x, m, N):
+    """Our left-padded mask, with each -200 widened to N positions as in HF's ids."""
+    return torch.tensor([[v for i, v in zip(row, mrow) for _ in range(N if i == IMAGE_TOKEN_INDEX else 1)]
+                         for row, mrow in zip(x.tolist(), m.tolist())], device=x.device)
+
+
+def ours_generate(model, args):
+    return lambda x, px, m, n: model.generate(x, px, attention_mask=m, max_new_tokens=n, eos_token_id=-1)
+
+
+def bench_training(ours, hf, image_token, args, device, dtype):
+    """One optimizer step of stage 1 (projector learns; gradients still flow through the frozen LLM) and of
+    stage 2 (projector + LLM learn), on the same batch; tokens/s counts every LLM position."""
+    c, N = ours.cfg, ours.cfg.image_tokens
+    text_len = CONFIGS[args.config][3]
+    B = args.train_batch
+    S = c.vision.image_size
+    pix = torch.randn(B, 3, S, S, device=device, dtype=dtype)
+    x, m = prompts(c, B, text_len, device, seed=3)
+    labels = x.clone()
+    labels[:, :text_len // 2] = -100                     # the first half is "prompt", the rest "answer"
+    hx = hf_ids(x, image_token, N)
+    hl = torch.tensor([[v for i, v in zip(row, lrow) for v in ([-100] * N if i == IMAGE_TOKEN_INDEX else [v])]
+                       for row, lrow in zip(x.tolist(), labels.tolist())], device=device)
+    tokens = B * hx.shape[1]
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu",
+                                                                                                         enabled=False)
+    r = {}
+    for stage in (1, 2):
+        res = []
+        for model, step in ((ours, lambda: ours(x, pix, labels).loss), (hf, lambda: hf(input_ids=hx, pixel_values=pix,
+                                                                                         labels=hl).loss)):
+            model.train()
+            model.requires_grad_(False)
+            proj = model.mm_projector if model is ours else model.model.multi_modal_projector
+            llm = model.language_model if model is ours else model.model.language_model
+            proj.requires_grad_(True)
+            if stage == 2:
+                llm.requires_grad_(True)
+                if model is hf:
+                    model.lm_head.requires_grad_(True)
+            if args.grad_checkpointing:
+                if model is ours:
+                    ours.language_model.grad_checkpointing = True
+                else:
+                    hf.gradient_checkpointing_enable()
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
+                                    fused=device.type == "cuda")
+
+            def one():
+                with ctx:
+                    loss = step()
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            res.append((tokens / timed(one, device, args.iters), peak_memory(one, device)))
+            model.requires_grad_(False)
+            model.eval()
+        r[f"stage {stage} train step (tok/s)"] = (res[0][0], res[1][0])
+        r[f"stage {stage} peak memory (GiB)"] = (res[0][1], res[1][1])
+    return r
+
+
+def bench_load(path):
+    """Peak RSS of from_pretrained in a fresh process, against the model's bf16 size."""
+    code = ("import resource, torch; from model import Llava; "
+            f"m = Llava.from_pretrained({path!r}, dtype=torch.bfloat16, device='cpu'); "
+            "n = sum(p.numel() for p in m.parameters()); "
+            "print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    t = time.time()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout.split()
+    n, rss = int(out[-2]), int(out[-1]) * 1024
+    print(f"{path}: {n / 1e9:.2f} B parameters = {2 * n / 1e9:.2f} GB in bf16; load {time.time() - t:.0f} s, "
+          f"peak RSS {rss / 1e9:.2f} GB = {rss / (2 * n):.2f}x")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", choices=list(CONFIGS), action="append", help="default: tiny and 100m")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--train-batch", type=int, default=4)
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--no-train", action="store_true")
+    p.add_argument("--load", default=None, help="only measure the peak RSS of loading this checkpoint")
+    p.add_argument("--out", default="output/bench.json")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.load:
+        return bench_load(args.load)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    from transformers.utils import logging
+    logging.set_verbosity_error()
+    machine = (torch.cuda.get_device_name() if device.type == "cuda" else
+               f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    results = {}
+    for name in args.config or ["tiny", "100m"]:
+        args.config = name
+        ours, hf, image_token = build(name, device, dtype)
+        n = sum(p.numel() for p in ours.parameters())
+        r = bench_inference(ours, hf, image_token, args, device, dtype)
+        if not args.no_train:
+            r |= bench_training(ours, hf, image_token, args, device, dtype)
+        results[name] = dict(parameters=n, results=r)
+        print(f"\n{name}: {n / 1e6:.1f}M parameters, {args.dtype}, {machine}, torch {torch.__version__}"
+              )
+        print(f"{'':34} {'ours':>10} {'transformers':>13} {'ours/HF':>8}")
+        for k, (a, b) in r.items():
+            fa = "-" if a is None else f"{a:.3g}"
+            fb = "-" if b is None else f"{b:.3g}"
+            ratio = f"{a / b:.2f}x" if a is not None and b else ""
+            print(f"{k:34} {fa:>10} {fb:>13} {ratio:>8}")
+        del ours, hf
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(dict(machine=machine, torch=torch.__version__, date=time.strftime("%Y-%m-%d"), argv=sys.argv[1:],
+                       results=results), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
