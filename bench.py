@@ -10,6 +10,7 @@ Needs `transformers` (requirements-dev.txt): the reference is measured, never im
 Timings are medians over --iters runs after a warm-up. Results (and the machine) are written to --out as JSON.
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -64,16 +65,9 @@ def build(name, device, dtype):
     v, t = c.vision, c.text
     image_token = t.vocab_size - 1                                     # HF marks image positions with a real id
     hf_cfg = HFConfig(
-        vision_config=CLIPVisionConfig(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-                                       num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads,
-                                       image_size=v.image_size, patch_size=v.patch_size, projection_dim=v.projection_dim,
-                                       layer_norm_eps=v.layer_norm_eps, hidden_act=v.hidden_act),
-        text_config=HFLlamaConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size,
-                                  intermediate_size=t.intermediate_size, num_hidden_layers=t.num_hidden_layers,
-                                  num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_key_value_heads,
-                                  rms_norm_eps=t.rms_norm_eps, rope_theta=t.rope_theta, pad_token_id=t.pad_token_id,
-                                  max_position_embeddings=t.max_position_embeddings,
-                                  tie_word_embeddings=t.tie_word_embeddings),
+        # our configs use HF's field names; the preprocessing fields are not part of HF's model config
+        vision_config=CLIPVisionConfig(**{k: x for k, x in vars(v).items() if k not in ("image_mean", "image_std")}),
+        text_config=HFLlamaConfig(**vars(t)),
         image_token_index=image_token, image_seq_length=c.image_tokens, vision_feature_layer=c.vision_feature_layer,
         vision_feature_select_strategy="default" if c.vision_feature_select == "patch" else "full",
         projector_hidden_act="gelu")
@@ -84,12 +78,12 @@ def build(name, device, dtype):
     return ours, hf, image_token
 
 
-def hf_ids(ids, image_token, n):
-    """Ours: one -200 per image. HF: the image token repeated once per image position."""
-    out = []
-    for row in ids.tolist():
-        out.append([x for i in row for x in ([image_token] * n if i == IMAGE_TOKEN_INDEX else [i])])
-    return torch.tensor(out, device=ids.device)
+def widen(x, values, n, fill=None):
+    """Our layout -> HF's: wherever x (B, T) holds -200, repeat the aligned entry of `values` (or `fill`) n times.
+    Ids (fill = HF's image token id), attention masks (fill None: the mask bit) and labels (fill -100) alike."""
+    return torch.tensor([[w for i, v in zip(row, vrow) for w in ([v if fill is None else fill] * n
+                                                                   if i == IMAGE_TOKEN_INDEX else [v])]
+                         for row, vrow in zip(x.tolist(), values.tolist())], device=x.device)
 
 
 # --------------------------------------------------------------------------------------------------- timing
@@ -111,9 +105,7 @@ def timed(fn, device, iters, warmup=1):
     return statistics.median(times)
 
 
-def peak_memory(fn, device):
-    if device.type != "cuda":
-        return None
+def peak_memory(fn):                               # CUDA only: on a CPU both models share one process's RSS
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     fn()
@@ -141,8 +133,11 @@ def bench_inference(ours, hf, image_token, args, device, dtype):
     S = c.vision.image_size
     pix = torch.randn(1, 3, S, S, device=device, dtype=dtype)
     ids, mask = prompts(c, 1, text_len, device)
-    hids = hf_ids(ids, image_token, N)
+    hids = widen(ids, ids, N, image_token)
     r = {}
+
+    def gen(x, px, m, n):                       # eos -1: never stop early, every run makes n tokens
+        return ours.generate(x, px, attention_mask=m, max_new_tokens=n, eos_token_id=-1)
     with torch.inference_mode():
         # correctness first: the same weights must give the same next-token logits
         a = ours.prefill(ids, pix, ours.new_cache(1, ids.shape[1] + N + 8)).float()
@@ -150,42 +145,32 @@ def bench_inference(ours, hf, image_token, args, device, dtype):
         r["max |logit diff| vs HF"] = ((a - b).abs().max().item(), None)
         r["image encoding (ms)"] = (
             1e3 * timed(lambda: ours.encode_images(pix), device, args.iters),
-            1e3 * timed(lambda: hf.model.get_image_features(pixel_values=pix, vision_feature_layer=c.vision_feature_layer,
-                                                          vision_feature_select_strategy=hf.config.vision_feature_select_strategy),
-                        device, args.iters))
+            1e3 * timed(lambda: hf.model.get_image_features(
+                pixel_values=pix, vision_feature_layer=c.vision_feature_layer,
+                vision_feature_select_strategy=hf.config.vision_feature_select_strategy), device, args.iters))
         r["time to first token (ms)"] = (
             1e3 * timed(lambda: ours.prefill(ids, pix, ours.new_cache(1, ids.shape[1] + N + 1)), device, args.iters),
             1e3 * timed(lambda: hf(input_ids=hids, pixel_values=pix, use_cache=True, logits_to_keep=1), device,
                         args.iters))
-        gen = ours_generate(ours, args)
         for label, batch in (("decode, batch 1 (tok/s)", 1), ("decode, batch 8 (tok/s)", 8)):
             x, m = prompts(c, batch, text_len, device, seed=batch, ragged=batch > 1)
-            hx, hm = hf_ids(x, image_token, N), hf_mask(x, m, N)
+            hx, hm = widen(x, x, N, image_token), widen(x, m, N)
             px = pix.expand(batch, -1, -1, -1)
-            t_ours = timed(lambda: gen(x, px, m, new_tokens), device, args.iters)
-            t_ours1 = timed(lambda: gen(x, px, m, 1), device, args.iters)
-            kw = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens, pad_token_id=0)
-            t_hf = timed(lambda: hf.generate(input_ids=hx, pixel_values=px, attention_mask=hm, **kw), device, args.iters)
-            kw1 = dict(kw, min_new_tokens=1, max_new_tokens=1)
-            t_hf1 = timed(lambda: hf.generate(input_ids=hx, pixel_values=px, attention_mask=hm, **kw1), device,
-                          args.iters)
-            # decode speed: the tokens after the first, over the time after the first (prefill excluded)
-            r[label] = (batch * (new_tokens - 1) / (t_ours - t_ours1), batch * (new_tokens - 1) / (t_hf - t_hf1))
-        r["peak memory, generate (GiB)"] = (
-            peak_memory(lambda: gen(ids, pix, mask, new_tokens), device),
-            peak_memory(lambda: hf.generate(input_ids=hids, pixel_values=pix, do_sample=False,
-                                            max_new_tokens=new_tokens, pad_token_id=0), device))
+
+            def hf_gen(n):
+                return hf.generate(input_ids=hx, pixel_values=px, attention_mask=hm, do_sample=False,
+                                   min_new_tokens=n, max_new_tokens=n, pad_token_id=0)
+
+            def rate(run):       # decode speed: the tokens after the first over the time after the first
+                t_n, t_1 = (timed(lambda: run(n), device, args.iters) for n in (new_tokens, 1))
+                return batch * (new_tokens - 1) / (t_n - t_1)
+            r[label] = (rate(lambda n: gen(x, px, m, n)), rate(hf_gen))
+        if device.type == "cuda":
+            r["peak memory, generate (GiB)"] = (
+                peak_memory(lambda: gen(ids, pix, mask, new_tokens)),
+                peak_memory(lambda: hf.generate(input_ids=hids, pixel_values=pix, do_sample=False,
+                                                max_new_tokens=new_tokens, pad_token_id=0)))
     return r
-
-
-def hf_mask(x, m, N):
-    """Our left-padded mask, with each -200 widened to N positions as in HF's ids."""
-    return torch.tensor([[v for i, v in zip(row, mrow) for _ in range(N if i == IMAGE_TOKEN_INDEX else 1)]
-                         for row, mrow in zip(x.tolist(), m.tolist())], device=x.device)
-
-
-def ours_generate(model, args):
-    return lambda x, px, m, n: model.generate(x, px, attention_mask=m, max_new_tokens=n, eos_token_id=-1)
 
 
 def bench_training(ours, hf, image_token, args, device, dtype):
@@ -199,12 +184,9 @@ def bench_training(ours, hf, image_token, args, device, dtype):
     x, m = prompts(c, B, text_len, device, seed=3)
     labels = x.clone()
     labels[:, :text_len // 2] = -100                     # the first half is "prompt", the rest "answer"
-    hx = hf_ids(x, image_token, N)
-    hl = torch.tensor([[v for i, v in zip(row, lrow) for v in ([-100] * N if i == IMAGE_TOKEN_INDEX else [v])]
-                       for row, lrow in zip(x.tolist(), labels.tolist())], device=device)
+    hx, hl = widen(x, x, N, image_token), widen(x, labels, N, -100)
     tokens = B * hx.shape[1]
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu",
-                                                                                                         enabled=False)
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     r = {}
     for stage in (1, 2):
         res = []
@@ -233,11 +215,13 @@ def bench_training(ours, hf, image_token, args, device, dtype):
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            res.append((tokens / timed(one, device, args.iters), peak_memory(one, device)))
+            cuda = device.type == "cuda"
+            res.append((tokens / timed(one, device, args.iters), peak_memory(one) if cuda else None))
             model.requires_grad_(False)
             model.eval()
         r[f"stage {stage} train step (tok/s)"] = (res[0][0], res[1][0])
-        r[f"stage {stage} peak memory (GiB)"] = (res[0][1], res[1][1])
+        if device.type == "cuda":
+            r[f"stage {stage} peak memory (GiB)"] = (res[0][1], res[1][1])
     return r
 
 

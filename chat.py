@@ -19,16 +19,15 @@ from data import CONV_TEMPLATES, IMAGE_TOKEN, DataError, Tokenizer, load_image, 
 from model import Llava
 
 
-def stream_answer(model, tok, ids, images, cache, args, stop_id):
+def stream_answer(model, tok, ids, images, cache, args, stop_id, max_new_tokens, gen):
     """Print the answer as it is generated; return its token ids. Ctrl-C ends the answer, not the program: the
     signal only sets a flag, checked between tokens, so the cache is never left half-written."""
     interrupted = []
     old = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1))
     new, shown = [], ""
     try:
-        gen = torch.Generator(device=cache.k.device).manual_seed(args.seed)
         for t in model.generate_stream(torch.tensor([ids], device=cache.k.device), images, cache=cache,
-                                       max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                       max_new_tokens=max_new_tokens, temperature=args.temperature,
                                        top_p=args.top_p, eos_token_id=stop_id, generator=gen):
             new.append(t.item())
             text = tok.decode(new)
@@ -80,6 +79,7 @@ def main(argv=None):
     stop_id = tok.newline_id if t.plain else tok.eos_id   # a stage-1 model only ever learned "caption\n"
     max_len = model.cfg.text.max_position_embeddings
     cache, last = None, None
+    gen = torch.Generator(device=device).manual_seed(args.seed)    # one random stream for the whole chat
     while True:
         if args.prompt is not None:
             msg = args.prompt
@@ -104,8 +104,7 @@ def main(argv=None):
         if room < 1:
             print(f"\n[the conversation has filled the {max_len}-token context; start a new chat]", file=sys.stderr)
             break
-        args_turn = argparse.Namespace(**{**vars(args), "max_new_tokens": min(args.max_new_tokens, room)})
-        new = stream_answer(model, tok, ids, images, cache, args_turn, stop_id)
+        new = stream_answer(model, tok, ids, images, cache, args, stop_id, min(args.max_new_tokens, room), gen)
         last = new[-1] if new else tok.eos_id
         if args.prompt is not None:
             break

@@ -78,8 +78,9 @@ def score(questions, answers):
     for q, a in zip(questions, answers):
         if "answer" in q:
             ok = normalize(a) == normalize(q["answer"])
-            hits[q.get("category", "all")].append(ok)
-            hits["overall"].append(ok) if q.get("category") else None
+            hits["overall"].append(ok)
+            if "category" in q:
+                hits[q["category"]].append(ok)
     return {c: dict(accuracy=sum(v) / len(v), n=len(v)) for c, v in sorted(hits.items())}
 
 
