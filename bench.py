@@ -4,6 +4,7 @@ device, same prompts, in one run. Each side uses the best attention it offers (o
 
     python bench.py                                   # CPU: the bundled tiny LLaVA and a ~100M-parameter config
     python bench.py --config 7b --device cuda --dtype bfloat16     # LLaVA-1.5-7B shapes, random weights
+    python bench.py --compile ...                     # our decode step compiled (on CUDA: and a CUDA graph)
     python bench.py --load models/llava-v1.5-7b       # peak RSS of loading a checkpoint, against its bf16 size
 
 Needs `transformers` (requirements-dev.txt): the reference is measured, never imported by the model code.
@@ -190,8 +191,9 @@ def bench_training(ours, hf, image_token, args, device, dtype):
     r = {}
     for stage in (1, 2):
         res = []
-        for model, step in ((ours, lambda: ours(x, pix, labels).loss), (hf, lambda: hf(input_ids=hx, pixel_values=pix,
-                                                                                         labels=hl).loss)):
+        # ours as train.py calls it: no (B, T, V) logits, the vocab projection only where a label is
+        for model, step in ((ours, lambda: ours(x, pix, labels, return_logits=False).loss),
+                            (hf, lambda: hf(input_ids=hx, pixel_values=pix, labels=hl).loss)):
             model.train()
             model.requires_grad_(False)
             proj = model.mm_projector if model is ours else model.model.multi_modal_projector
@@ -247,6 +249,8 @@ def build_parser():
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--train-batch", type=int, default=4)
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true",
+                   help="ours: decode step compiled (static KV cache, torch.compile; on CUDA a CUDA graph too)")
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--load", default=None, help="only measure the peak RSS of loading this checkpoint")
     p.add_argument("--out", default="output/bench.json")
@@ -266,14 +270,16 @@ def main(argv=None):
     for name in args.config or ["tiny", "100m"]:
         args.config = name
         ours, hf, image_token = build(name, device, dtype)
+        if args.compile:
+            ours.compile_decode()        # compiled on first use: timed()'s warm-up run pays for it
         n = sum(p.numel() for p in ours.parameters())
         r = bench_inference(ours, hf, image_token, args, device, dtype)
         if not args.no_train:
             r |= bench_training(ours, hf, image_token, args, device, dtype)
         results[name] = dict(parameters=n, results=r)
-        print(f"\n{name}: {n / 1e6:.1f}M parameters, {args.dtype}, {machine}, torch {torch.__version__}"
-              )
-        print(f"{'':34} {'ours':>10} {'transformers':>13} {'ours/HF':>8}")
+        print(f"\n{name}: {n / 1e6:.1f}M parameters, {args.dtype}, {machine}, torch {torch.__version__}")
+        print(f"{'':34} {'ours':>10} {'transformers':>13} {'ours/HF':>8}"
+              + ("   (ours: compiled decode; transformers: eager)" if args.compile else ""))
         for k, (a, b) in r.items():
             fa = "-" if a is None else f"{a:.3g}"
             fb = "-" if b is None else f"{b:.3g}"

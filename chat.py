@@ -26,7 +26,7 @@ def stream_answer(model, tok, ids, images, cache, args, stop_id, max_new_tokens,
     old = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1))
     new, shown = [], ""
     try:
-        for t in model.generate_stream(torch.tensor([ids], device=cache.k.device), images, cache=cache,
+        for t in model.generate_stream(torch.tensor([ids], device=cache.valid.device), images, cache=cache,
                                        max_new_tokens=max_new_tokens, temperature=args.temperature,
                                        top_p=args.top_p, eos_token_id=stop_id, generator=gen):
             new.append(t.item())
@@ -57,6 +57,7 @@ def build_parser():
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help="compile the decode step (worth it on a GPU: CUDA graphs)")
     return p
 
 
@@ -69,6 +70,8 @@ def main(argv=None):
         if model.tokenizer_path is None:
             raise CheckpointError(f"{args.model}: no tokenizer.model")
         tok = Tokenizer(model.tokenizer_path)
+        if args.compile:
+            model.compile_decode()
     except (DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -96,19 +96,22 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Preallocated keys/values for all layers: (layers, B, n_kv, max_len, hd). Nothing grows during decoding.
+    """Preallocated keys/values, one (B, n_kv, max_len, hd) tensor per layer. Nothing grows during decoding.
 
     Slots are filled left to right for the whole batch at once. With left-padded batches some slots hold
     padding; `valid` marks the real ones and doubles as the attention mask (future slots are not valid yet).
     `pos` is each sample's next RoPE position, which skips padding, so a sample's positions do not depend
-    on what it was batched with."""
+    on what it was batched with. `slot` is `length` as a tensor, for the decode step (Llama.decode)."""
 
     def __init__(self, cfg: LlamaConfig, batch, max_len, dtype, device):
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # a tensor per layer, not one (layers, ...) tensor: a compiled step that writes into a view of one big
+        # tensor copies the whole of it every step (torch.compile's functionalization), into its own tensor it does not
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.pos = torch.zeros(batch, dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.length, self.max_len, self.padded = 0, max_len, False      # slots used; any holes in `valid`?
 
     def reserve(self, valid_new):
@@ -119,6 +122,7 @@ class KVCache:
         self.valid[:, start:start + T] = valid_new
         self.padded = self.padded or not bool(valid_new.all())
         self.length = start + T
+        self.slot.fill_(self.length)
         return start
 
 
@@ -138,13 +142,17 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, -1, hd).transpose(1, 2)           # (B, n_kv, T, hd)
         v = self.v_proj(x).view(B, T, -1, hd).transpose(1, 2)           # (B, n_kv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:                                            # write this chunk, read all so far
-            cache.k[layer, :, :, start:start + T] = k
-            cache.v[layer, :, :, start:start + T] = v
-            k, v = cache.k[layer, :, :, :start + T], cache.v[layer, :, :, :start + T]   # views, no copy
+        if isinstance(start, torch.Tensor):     # Llama.decode: one token into slot `start`, a (1,) tensor, then
+            cache.k[layer].index_copy_(2, start, k)   # attend over all max_len slots, the unfilled ones masked:
+            cache.v[layer].index_copy_(2, start, v)   # shapes that never change, so the step compiles once
+            k, v = cache.k[layer], cache.v[layer]                                # (B, n_kv, max_len, hd)
+        elif cache is not None:                                          # write this chunk, read all so far
+            cache.k[layer][:, :, start:start + T] = k
+            cache.v[layer][:, :, start:start + T] = v
+            k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]   # views, no copy
         # GQA: each group of nh/n_kv query heads shares one k/v head; SDPA broadcasts them (enable_gqa)
         # instead of us materialising repeat_interleave copies
-        causal = mask is None and T > 1 and start == 0
+        causal = mask is None and T > 1 and not isinstance(start, torch.Tensor) and start == 0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=k.shape[1] != q.shape[1])      # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))         # (B, T, nh*hd) -> (B, T, D)
@@ -186,10 +194,23 @@ class Llama(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.grad_checkpointing = False  # recompute each block in backward: activation memory O(layers), not O(ops)
+        self.compiled, self.caches = False, {}                                  # see compile_decode
 
     def new_cache(self, batch, max_len, dtype=None):
         w = self.lm_head.weight
-        return KVCache(self.cfg, batch, max_len, dtype or w.dtype, w.device)
+        if not self.compiled:
+            return KVCache(self.cfg, batch, max_len, dtype or w.dtype, w.device)
+        # compiled: a new shape would mean a new compile and a new tensor a new CUDA graph, so round max_len up
+        # to a multiple of 256 (the extra slots stay masked) and hand out the same tensors again, emptied
+        key = (batch, -(-max_len // 256) * 256, dtype or w.dtype)
+        if key not in self.caches:
+            c = self.caches[key] = KVCache(self.cfg, *key[:2], key[2], w.device)
+            for t in (*c.k, *c.v, c.valid, c.pos, c.slot):   # one address for life, so a CUDA graph may bake it
+                torch._dynamo.mark_static_address(t)          # in (as transformers' StaticCache does)
+        cache = self.caches[key]
+        cache.valid.zero_(), cache.pos.zero_(), cache.slot.zero_()
+        cache.length, cache.padded = 0, False
+        return cache
 
     def init_weights(self, std=0.02):
         for m in self.modules():
@@ -223,6 +244,40 @@ class Llama(nn.Module):
                 x = block(x, cos, sin, mask, cache, i, start)
         x = self.model.norm(x)
         return x if return_hidden else self.lm_head(x)
+
+    def decode(self, tokens, cache):
+        """One new token per sample, tokens (B,) -> logits (B, V): generation's inner loop. Unlike forward() it
+        has the same shapes at every step (the token attends over all max_len slots, those not yet written masked
+        out by `valid`) and keeps its state in tensors, so torch.compile traces it once (`compile_decode`)."""
+        if cache.length >= cache.max_len:
+            raise ValueError(f"KV cache is full: {cache.length} + 1 tokens > max_len {cache.max_len}")
+        cache.length += 1                                    # Python's count; the step advances cache.slot itself
+        return self._decode(tokens, cache)
+
+    def _decode(self, tokens, cache):
+        cache.valid.index_fill_(1, cache.slot, True)
+        x = self.model.embed_tokens(tokens[:, None])                                   # (B, 1, D)
+        cos, sin = rope_cos_sin(cache.pos[:, None], self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        mask = cache.valid[:, None, None, :]                                           # (B, 1, 1, max_len)
+        for i, block in enumerate(self.model.layers):
+            x = block(x, cos, sin, mask, cache, i, cache.slot)
+        cache.pos += 1
+        cache.slot += 1
+        return self.lm_head(self.model.norm(x))[:, 0]
+
+    def compile_decode(self):
+        """Compile the decode step (gpt-fast's recipe): one graph with fused kernels; on CUDA "reduce-overhead"
+        also records it as a CUDA graph, so a step is one replay instead of hundreds of kernel launches.
+        The first step of each (batch, max_len) compiles, which takes a while; later ones reuse it."""
+        if self.compiled:
+            return
+        mode = "reduce-overhead" if self.lm_head.weight.is_cuda else None
+        step = torch.compile(self._decode, mode=mode, fullgraph=True, dynamic=False)
+
+        def compiled_step(tokens, cache):
+            torch.compiler.cudagraph_mark_step_begin()   # a new step: the graph may overwrite its last outputs,
+            return step(tokens, cache).clone()           # so hand out a copy
+        self._decode, self.compiled = compiled_step, True
 
 
 def make_mask(real, cache, start, T):

@@ -159,7 +159,7 @@ class Llava(nn.Module):
 
     def decode(self, tokens, cache):
         """One step: tokens (B,) -> logits (B, V). The image is already in the cache; only text goes in."""
-        return self.language_model(tokens[:, None], cache=cache)[:, -1]
+        return self.language_model.decode(tokens, cache)
 
     @torch.inference_mode()
     def generate_stream(self, input_ids, images=None, attention_mask=None, max_new_tokens=128, temperature=0.0,
@@ -208,6 +208,10 @@ class Llava(nn.Module):
 
     def new_cache(self, batch, max_len):
         return self.language_model.new_cache(batch, max_len)
+
+    def compile_decode(self):
+        """torch.compile the decode step (llama.py: Llama.compile_decode); prefill and the vision tower stay eager."""
+        self.language_model.compile_decode()
 
     # ------------------------------------------------------------------------------------------ checkpoints
     @classmethod

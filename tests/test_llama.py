@@ -55,7 +55,7 @@ def test_prefill_plus_single_steps_equal_full_forward():
         full = ours(ids)
         cache = ours.new_cache(2, 32)
         steps = [ours(ids[:, :8], cache=cache)] + [ours(ids[:, t:t + 1], cache=cache) for t in range(8, 20)]
-    assert cache.length == 20 and cache.k.shape[3] == 32        # preallocated once, never grown
+    assert cache.length == 20 and cache.k[0].shape[2] == 32        # preallocated once, never grown
     assert (torch.cat(steps, 1) - full).abs().max() <= 1e-5
 
 

@@ -155,3 +155,30 @@ def test_streaming_continues_a_conversation_in_the_same_cache(pair):
     second = [t.item() for t in ours.generate_stream(turn2, None, max_new_tokens=6, eos_token_id=-1, cache=cache)]
     whole = torch.tensor([PROMPT + answer + [80, 81, 82]])
     assert second == ours.generate(whole, px, max_new_tokens=6, eos_token_id=-1)[0].tolist()
+
+
+def test_compiled_decode_step_generates_what_the_eager_one_does(pair):
+    """compile_decode: the static-shape step under torch.compile (here inductor's C++ kernels; on CUDA a CUDA graph
+    as well), with the cache rounded up to 256 slots and reused. Same logits, same tokens, call after call."""
+    import copy
+    _, ours = pair
+    comp = copy.deepcopy(ours)
+    comp.compile_decode()
+    ids = torch.tensor([[0, 0, 0, 1, 40, IMG, 41], [1, 50, 51, 52, IMG, 53, 54]])      # left-padded batch
+    mask = (torch.arange(7) >= torch.tensor([[3], [0]])).long()
+    px = torch.randn(2, 3, 28, 28)
+    with torch.inference_mode():
+        logits = []
+        for m in (ours, comp):
+            cache = m.new_cache(2, 30)
+            tok = m.prefill(ids, px, cache, mask).argmax(-1)
+            steps = []
+            for _ in range(8):
+                steps.append(m.decode(tok, cache))
+                tok = steps[-1].argmax(-1)
+            logits.append(torch.stack(steps, 1))
+    assert comp.language_model.compiled and cache.max_len == 256 and cache.length == 10 + 8
+    assert (logits[0] - logits[1]).abs().max() <= 1e-5
+    eager = ours.generate(ids, px, attention_mask=mask, max_new_tokens=20, eos_token_id=-1)
+    for _ in range(2):                                    # the second call gets the same cache back, emptied
+        assert comp.generate(ids, px, attention_mask=mask, max_new_tokens=20, eos_token_id=-1).tolist() == eager.tolist()
