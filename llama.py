@@ -105,7 +105,7 @@ class KVCache:
 
     def __init__(self, cfg: LlamaConfig, batch, max_len, dtype, device):
         # a tensor per layer, not one (layers, ...) tensor: a compiled step that writes into a view of one big
-        # tensor copies the whole of it every step (torch.compile's functionalization), into its own tensor it does not
+        # tensor copies all of it every step (torch.compile's functionalization); into a whole tensor it does not
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
@@ -152,7 +152,7 @@ class Attention(nn.Module):
             k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]   # views, no copy
         # GQA: each group of nh/n_kv query heads shares one k/v head; SDPA broadcasts them (enable_gqa)
         # instead of us materialising repeat_interleave copies
-        causal = mask is None and T > 1 and not isinstance(start, torch.Tensor) and start == 0
+        causal = mask is None and T > 1 and start == 0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=k.shape[1] != q.shape[1])      # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))         # (B, T, nh*hd) -> (B, T, D)

@@ -181,4 +181,5 @@ def test_compiled_decode_step_generates_what_the_eager_one_does(pair):
     assert (logits[0] - logits[1]).abs().max() <= 1e-5
     eager = ours.generate(ids, px, attention_mask=mask, max_new_tokens=20, eos_token_id=-1)
     for _ in range(2):                                    # the second call gets the same cache back, emptied
-        assert comp.generate(ids, px, attention_mask=mask, max_new_tokens=20, eos_token_id=-1).tolist() == eager.tolist()
+        again = comp.generate(ids, px, attention_mask=mask, max_new_tokens=20, eos_token_id=-1)
+        assert again.tolist() == eager.tolist()
