@@ -61,17 +61,23 @@ def build_parser():
     return p
 
 
+def load_model(args):
+    """The model and tokenizer that --model, --vision-tower, --model-base, --device, --dtype, --compile name
+    (chat.py and eval.py alike). Raises CheckpointError for a checkpoint without its tokenizer."""
+    model = Llava.from_pretrained(args.model, vision_tower=args.vision_tower, model_base=args.model_base,
+                                  device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    if model.tokenizer_path is None:
+        raise CheckpointError(f"{args.model}: no tokenizer.model")
+    if args.compile:
+        model.compile_decode()
+    return model, Tokenizer(model.tokenizer_path)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         image = load_image(args.image)             # bad input fails before the model is loaded
-        model = Llava.from_pretrained(args.model, vision_tower=args.vision_tower, model_base=args.model_base,
-                                      device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
-        if model.tokenizer_path is None:
-            raise CheckpointError(f"{args.model}: no tokenizer.model")
-        tok = Tokenizer(model.tokenizer_path)
-        if args.compile:
-            model.compile_decode()
+        model, tok = load_model(args)
     except (DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -22,9 +22,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from chat import load_model
 from checkpoint import CheckpointError
-from data import CONV_TEMPLATES, IMAGE_TOKEN, DataError, Tokenizer, load_image, process_image, tokenizer_image_token
-from model import Llava
+from data import CONV_TEMPLATES, IMAGE_TOKEN, DataError, load_image, process_image, tokenizer_image_token
 
 
 def normalize(s):                        # exact match up to case, surrounding space and a final period
@@ -109,13 +109,7 @@ def main(argv=None):
             import shapes
             shapes.generate("data/shapes")
         questions = load_questions(args.questions)
-        model = Llava.from_pretrained(args.model, vision_tower=args.vision_tower, model_base=args.model_base,
-                                      device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
-        if model.tokenizer_path is None:
-            raise CheckpointError(f"{args.model}: no tokenizer.model")
-        tok = Tokenizer(model.tokenizer_path)
-        if args.compile:
-            model.compile_decode()
+        model, tok = load_model(args)
         template = args.conv_mode or model.cfg.conv_template
         prompts, answers = answer(model, tok, questions, args.image_folder, template, args.batch_size,
                                   args.max_new_tokens, args.blind)
