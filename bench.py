@@ -4,7 +4,7 @@ device, same prompts, in one run. Each side uses the best attention it offers (o
 
     python bench.py                                   # CPU: the bundled tiny LLaVA and a ~100M-parameter config
     python bench.py --config 7b --device cuda --dtype bfloat16     # LLaVA-1.5-7B shapes, random weights
-    python bench.py --compile ...                     # our decode step compiled (on CUDA: and a CUDA graph)
+    python bench.py --compile ...                     # ours compiled: decode step (on CUDA a CUDA graph), prefill, ViT
     python bench.py --load models/llava-v1.5-7b       # peak RSS of loading a checkpoint, against its bf16 size
 
 Needs `transformers` (requirements-dev.txt): the reference is measured, never imported by the model code.
@@ -250,7 +250,7 @@ def build_parser():
     p.add_argument("--train-batch", type=int, default=4)
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true",
-                   help="ours: decode step compiled (static KV cache, torch.compile; on CUDA a CUDA graph too)")
+                   help="ours: torch.compile decode step (on CUDA a CUDA graph), prefill and ViT")
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--load", default=None, help="only measure the peak RSS of loading this checkpoint")
     p.add_argument("--out", default="output/bench.json")
@@ -271,7 +271,7 @@ def main(argv=None):
         args.config = name
         ours, hf, image_token = build(name, device, dtype)
         if args.compile:
-            ours.compile_decode()        # compiled on first use: timed()'s warm-up run pays for it
+            ours.compile_inference()        # compiled on first use: timed()'s warm-up run pays for it
         n = sum(p.numel() for p in ours.parameters())
         r = bench_inference(ours, hf, image_token, args, device, dtype)
         if not args.no_train:
@@ -279,7 +279,7 @@ def main(argv=None):
         results[name] = dict(parameters=n, results=r)
         print(f"\n{name}: {n / 1e6:.1f}M parameters, {args.dtype}, {machine}, torch {torch.__version__}")
         print(f"{'':34} {'ours':>10} {'transformers':>13} {'ours/HF':>8}"
-              + ("   (ours: compiled decode; transformers: eager)" if args.compile else ""))
+              + ("   (ours: compiled for generation; transformers: eager)" if args.compile else ""))
         for k, (a, b) in r.items():
             fa = "-" if a is None else f"{a:.3g}"
             fb = "-" if b is None else f"{b:.3g}"

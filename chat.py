@@ -57,7 +57,7 @@ def build_parser():
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compile", action="store_true", help="compile the decode step (worth it on a GPU: CUDA graphs)")
+    p.add_argument("--compile", action="store_true", help="torch.compile decode, prefill, ViT (on a GPU: CUDA graphs)")
     return p
 
 
@@ -69,7 +69,7 @@ def load_model(args):
     if model.tokenizer_path is None:
         raise CheckpointError(f"{args.model}: no tokenizer.model")
     if args.compile:
-        model.compile_decode()
+        model.compile_inference()
     return model, Tokenizer(model.tokenizer_path)
 
 

@@ -96,7 +96,7 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--blind", action="store_true", help="a blank image instead of the real one")
-    p.add_argument("--compile", action="store_true", help="compile the decode step (worth it on a GPU: CUDA graphs)")
+    p.add_argument("--compile", action="store_true", help="torch.compile decode, prefill, ViT (on a GPU: CUDA graphs)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     return p

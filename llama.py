@@ -152,7 +152,8 @@ class Attention(nn.Module):
             k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]   # views, no copy
         # GQA: each group of nh/n_kv query heads shares one k/v head; SDPA broadcasts them (enable_gqa)
         # instead of us materialising repeat_interleave copies
-        causal = mask is None and T > 1 and start == 0
+        # a plain bool even when torch.compile traces T as a symbol (compile_inference's prefill): SDPA wants one
+        causal = True if mask is None and T > 1 and start == 0 else False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=k.shape[1] != q.shape[1])      # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))         # (B, T, nh*hd) -> (B, T, D)
@@ -194,7 +195,7 @@ class Llama(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.grad_checkpointing = False  # recompute each block in backward: activation memory O(layers), not O(ops)
-        self.compiled, self.caches = False, {}                                  # see compile_decode
+        self.compiled, self.caches = False, {}                                  # see compile_inference
 
     def new_cache(self, batch, max_len, dtype=None):
         w = self.lm_head.weight
@@ -237,18 +238,22 @@ class Llama(nn.Module):
             cache.pos += real.sum(1)
         mask = make_mask(real, cache, start, T)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        x = self.model.norm(self._blocks(x, cos, sin, mask, cache, start))
+        return x if return_hidden else self.lm_head(x)
+
+    def _blocks(self, x, cos, sin, mask, cache, start):
+        """The decoder blocks, where the work is; compile_inference compiles this for prefill."""
         for i, block in enumerate(self.model.layers):
             if self.grad_checkpointing and self.training:
                 x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, cache, i, start)
-        x = self.model.norm(x)
-        return x if return_hidden else self.lm_head(x)
+        return x
 
     def decode(self, tokens, cache):
         """One new token per sample, tokens (B,) -> logits (B, V): generation's inner loop. Unlike forward() it
         has the same shapes at every step (the token attends over all max_len slots, those not yet written masked
-        out by `valid`) and keeps its state in tensors, so torch.compile traces it once (`compile_decode`)."""
+        out by `valid`) and keeps its state in tensors, so torch.compile traces it once (`compile_inference`)."""
         if cache.length >= cache.max_len:
             raise ValueError(f"KV cache is full: {cache.length} + 1 tokens > max_len {cache.max_len}")
         cache.length += 1                                    # Python's count; the step advances cache.slot itself
@@ -265,10 +270,12 @@ class Llama(nn.Module):
         cache.slot += 1
         return self.lm_head(self.model.norm(x))[:, 0]
 
-    def compile_decode(self):
-        """Compile the decode step (gpt-fast's recipe): one graph with fused kernels; on CUDA "reduce-overhead"
-        also records it as a CUDA graph, so a step is one replay instead of hundreds of kernel launches.
-        The first step of each (batch, max_len) compiles, which takes a while; later ones reuse it."""
+    def compile_inference(self):
+        """torch.compile for generation (gpt-fast's recipe). The decode step becomes one graph with fused
+        kernels; on CUDA "reduce-overhead" also records it as a CUDA graph, so a step is one replay instead of
+        hundreds of kernel launches. Its first call for each (batch, max_len) compiles, which takes a while.
+        The prefill's decoder blocks are compiled with symbolic shapes, so a new prompt length reuses the graph;
+        the cache bookkeeping around them (`reserve`, the mask) stays eager."""
         if self.compiled:
             return
         mode = "reduce-overhead" if self.lm_head.weight.is_cuda else None
@@ -278,6 +285,7 @@ class Llama(nn.Module):
             torch.compiler.cudagraph_mark_step_begin()   # a new step: the graph may overwrite its last outputs,
             return step(tokens, cache).clone()           # so hand out a copy
         self._decode, self.compiled = compiled_step, True
+        self._blocks = torch.compile(self._blocks, fullgraph=True, dynamic=True)
 
 
 def make_mask(real, cache, start, T):

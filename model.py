@@ -209,9 +209,12 @@ class Llava(nn.Module):
     def new_cache(self, batch, max_len):
         return self.language_model.new_cache(batch, max_len)
 
-    def compile_decode(self):
-        """torch.compile the decode step (llama.py: Llama.compile_decode); prefill and the vision tower stay eager."""
-        self.language_model.compile_decode()
+    def compile_inference(self):
+        """torch.compile for generation: the LLM's decode step and prefill (llama.py: Llama.compile_inference)
+        and the vision tower, whose input shape (n, 3, S, S) changes only with the batch."""
+        if not self.language_model.compiled:
+            self.vision_tower.compile()
+        self.language_model.compile_inference()
 
     # ------------------------------------------------------------------------------------------ checkpoints
     @classmethod

@@ -157,13 +157,14 @@ def test_streaming_continues_a_conversation_in_the_same_cache(pair):
     assert second == ours.generate(whole, px, max_new_tokens=6, eos_token_id=-1)[0].tolist()
 
 
-def test_compiled_decode_step_generates_what_the_eager_one_does(pair):
-    """compile_decode: the static-shape step under torch.compile (here inductor's C++ kernels; on CUDA a CUDA graph
-    as well), with the cache rounded up to 256 slots and reused. Same logits, same tokens, call after call."""
+def test_compiled_generation_gives_what_the_eager_one_does(pair):
+    """compile_inference: the static-shape decode step under torch.compile (here inductor's C++ kernels; on CUDA a
+    CUDA graph as well), with the cache rounded up to 256 slots and reused, and the prefill compiled with symbolic
+    shapes. Same logits, same tokens, call after call, and for a prompt of another length."""
     import copy
     _, ours = pair
     comp = copy.deepcopy(ours)
-    comp.compile_decode()
+    comp.compile_inference()
     ids = torch.tensor([[0, 0, 0, 1, 40, IMG, 41], [1, 50, 51, 52, IMG, 53, 54]])      # left-padded batch
     mask = (torch.arange(7) >= torch.tensor([[3], [0]])).long()
     px = torch.randn(2, 3, 28, 28)
@@ -183,3 +184,6 @@ def test_compiled_decode_step_generates_what_the_eager_one_does(pair):
     for _ in range(2):                                    # the second call gets the same cache back, emptied
         again = comp.generate(ids, px, attention_mask=mask, max_new_tokens=20, eos_token_id=-1)
         assert again.tolist() == eager.tolist()
+    shorter, m2 = ids[:, 2:], mask[:, 2:]                 # another prompt length: the same prefill graph
+    assert (comp.generate(shorter, px, attention_mask=m2, max_new_tokens=20, eos_token_id=-1).tolist()
+            == ours.generate(shorter, px, attention_mask=m2, max_new_tokens=20, eos_token_id=-1).tolist())
