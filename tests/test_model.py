@@ -184,6 +184,9 @@ def test_compiled_generation_gives_what_the_eager_one_does(pair):
     for _ in range(2):                                    # the second call gets the same cache back, emptied
         again = comp.generate(ids, px, attention_mask=mask, max_new_tokens=20, eos_token_id=-1)
         assert again.tolist() == eager.tolist()
+    from torch._dynamo.utils import counters
+    graphs = counters["stats"]["unique_graphs"]
     shorter, m2 = ids[:, 2:], mask[:, 2:]                 # another prompt length: the same prefill graph
     assert (comp.generate(shorter, px, attention_mask=m2, max_new_tokens=20, eos_token_id=-1).tolist()
             == ours.generate(shorter, px, attention_mask=m2, max_new_tokens=20, eos_token_id=-1).tolist())
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing was compiled again
