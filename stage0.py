@@ -86,7 +86,7 @@ def pretrain_clip(out, tok, steps=300, batch=128, lr=3e-4, seed=0):
     return loss.item()
 
 
-def pretrain_llm(out, tok_path, corpus, steps=400, batch=32, seq=128, lr=3e-3, seed=0):
+def pretrain_llm(out, tok_path, corpus, steps=400, batch=32, seq=128, lr=1e-3, seed=0):
     torch.manual_seed(seed)
     tok = Tokenizer(tok_path)
     docs = [d for d in open(corpus).read().split("\n\n") if d.strip()]
@@ -94,7 +94,10 @@ def pretrain_llm(out, tok_path, corpus, steps=400, batch=32, seq=128, lr=3e-3, s
     cfg = llama.PRESETS["shapes-tiny"]
     cfg = llama.LlamaConfig(**{**vars(cfg), "vocab_size": len(tok)})
     model = llama.Llama(cfg)
-    model.init_weights()
+    # std 1/sqrt(width), not LLaMA's 0.02 (initializer_range, chosen for 4096-wide models): at 192 wide 0.02 gives
+    # attention logits of about 0.1, every head starts almost uniform, and stage 2's lookups ("What color is the
+    # circle?": find the image token with that shape, copy its colour) sit on a plateau (README, tiny model)
+    model.init_weights(std=cfg.hidden_size ** -0.5)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     g = torch.Generator().manual_seed(seed)
     for step in (bar := tqdm(range(steps), desc="stage 0: LLaMA")):
