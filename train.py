@@ -341,9 +341,8 @@ def _train(cfg: TrainConfig):
                     loss = loss + 0 * sum(p.sum() for p in raw.mm_projector.parameters())
                 scaler.scale(loss).backward()
                 loss_sum += out.loss.detach() * out.n_tokens
-            if cfg.grad_clip:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            scaler.unscale_(opt)                # the norm before clipping (inf: no clipping) goes into metrics.json
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or float("inf"))
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
@@ -351,7 +350,8 @@ def _train(cfg: TrainConfig):
             if ddp:
                 dist.all_reduce(loss_sum)
             dt = time.time() - t0
-            rec = dict(step=step, loss=(loss_sum / n_tok).item(), lr=lr * cfg.lr, tokens_per_s=counts[1].item() / dt)
+            rec = dict(step=step, loss=(loss_sum / n_tok).item(), lr=lr * cfg.lr, grad_norm=grad_norm.item(),
+                       tokens_per_s=counts[1].item() / dt)
             metrics["train"].append(rec)
             metrics["skipped"] += [s for b in mbs for s in b["skipped"]]
             post = dict(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")

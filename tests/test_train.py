@@ -176,6 +176,10 @@ def test_ddp_two_processes_match_one(tiny):
     assert r.returncode == 0, r.stderr[-3000:]
     one, two = metrics(tiny, "one"), metrics(tiny, "two")
     torch.testing.assert_close([m["loss"] for m in two["train"]], [m["loss"] for m in one["train"]], rtol=1e-5, atol=0)
+    # the gradient itself, before Adam (which is blind to its scale): a missing all-reduce or a wrong loss scale
+    # (DDP averages over ranks, which train.py undoes) shows here even where the weights still agree
+    torch.testing.assert_close([m["grad_norm"] for m in two["train"]], [m["grad_norm"] for m in one["train"]],
+                               rtol=1e-5, atol=0)
     torch.testing.assert_close(two["val"][-1]["loss"], one["val"][-1]["loss"], rtol=1e-5, atol=0)
     a = Llava.from_pretrained(str(tiny / "one"), dtype=torch.float32, device="cpu").state_dict()
     b = Llava.from_pretrained(str(tiny / "two"), dtype=torch.float32, device="cpu").state_dict()
