@@ -179,7 +179,12 @@ def test_compiled_generation_gives_what_the_eager_one_does(pair):
                 tok = steps[-1].argmax(-1)
             logits.append(torch.stack(steps, 1))
     assert comp.language_model.compiled and cache.max_len == 256 and cache.length == 10 + 8
-    assert (logits[0] - logits[1]).abs().max() <= 1e-5
+    # different kernels round differently: inductor's fused C++ loops against ATen's ops. Measured over 5 inputs,
+    # the largest difference is 0.9-1.7e-6 of the largest logit and does not grow from step to step (rounding, not
+    # drift), so the bound is relative to the logits' scale: 32 fp32 ulps of the largest one. (An absolute 1e-5,
+    # with logits up to 6-8 here, failed at 1.01e-5 once transformers 5.24 initialised the fixture differently.)
+    scale = logits[0].abs().max()
+    assert (logits[0] - logits[1]).abs().max() <= 32 * torch.finfo(torch.float32).eps * scale
     eager = ours.generate(ids, px, attention_mask=mask, max_new_tokens=20, eos_token_id=-1)
     for _ in range(2):                                    # the second call gets the same cache back, emptied
         again = comp.generate(ids, px, attention_mask=mask, max_new_tokens=20, eos_token_id=-1)
