@@ -135,13 +135,17 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=False)
         self.o_proj = nn.Linear(nh * hd, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0, start=0):
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, start=0, last=False):
         B, T, _ = x.shape
         hd = self.cfg.head_dim
-        q = self.q_proj(x).view(B, T, -1, hd).transpose(1, 2)           # (B, nh, T, hd)
+        # last: a prefill's final block needs its output at the last position only (the next-token logits), but
+        # keys and values at every position, for the cache: it saves most of that block's matmuls
+        xq, cq, sq = (x[:, -1:], cos[:, -1:], sin[:, -1:]) if last else (x, cos, sin)
+        Tq = xq.shape[1]
+        q = self.q_proj(xq).view(B, Tq, -1, hd).transpose(1, 2)         # (B, nh, Tq, hd)
         k = self.k_proj(x).view(B, T, -1, hd).transpose(1, 2)           # (B, n_kv, T, hd)
         v = self.v_proj(x).view(B, T, -1, hd).transpose(1, 2)           # (B, n_kv, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cq, sq), apply_rope(k, cos, sin)
         if isinstance(start, torch.Tensor):     # Llama.decode: one token into slot `start`, a (1,) tensor, then
             cache.k[layer].index_copy_(2, start, k)   # attend over all max_len slots, the unfilled ones masked:
             cache.v[layer].index_copy_(2, start, v)   # shapes that never change, so the step compiles once
@@ -153,10 +157,10 @@ class Attention(nn.Module):
         # GQA: each group of nh/n_kv query heads shares one k/v head; SDPA broadcasts them (enable_gqa)
         # instead of us materialising repeat_interleave copies
         # a plain bool even when torch.compile traces T as a symbol (compile_inference's prefill): SDPA wants one
-        causal = True if mask is None and T > 1 and start == 0 else False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           enable_gqa=k.shape[1] != q.shape[1])      # (B, nh, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))         # (B, T, nh*hd) -> (B, T, D)
+        causal = True if mask is None and Tq > 1 and start == 0 else False     # the last query sees all keys
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, :, -Tq:],
+                                           is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])  # (B,nh,Tq,hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, Tq, -1))        # (B, Tq, nh*hd) -> (B, Tq, D)
 
 
 class MLP(nn.Module):                    # SwiGLU (Shazeer 2020), as in LLaMA
@@ -178,8 +182,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0, start=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start)
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, start=0, last=False):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start, last)
+        x = (x[:, -1:] if last else x) + h                              # last: (B, 1, D) from here on
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -219,8 +224,9 @@ class Llama(nn.Module):
                 nn.init.normal_(m.weight, std=std)
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, positions=None, cache=None,
-                return_hidden=False):
-        """input_ids (B, T) or inputs_embeds (B, T, D) -> logits (B, T, V), or the final hidden states (B, T, D).
+                return_hidden=False, last_only=False):
+        """input_ids (B, T) or inputs_embeds (B, T, D) -> logits (B, T, V), or the final hidden states (B, T, D);
+        T = 1, the last position, with last_only (a prefill: the final block then computes only that position).
 
         attention_mask (B, T): 1 for real tokens, 0 for padding (right padding for training, left padding for
         batched generation). RoPE positions count real tokens only, so padding never shifts a sample's
@@ -237,18 +243,19 @@ class Llama(nn.Module):
             start = cache.reserve(real)
             cache.pos += real.sum(1)
         mask = make_mask(real, cache, start, T)
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        x = self.model.norm(self._blocks(x, cos, sin, mask, cache, start))
-        return x if return_hidden else self.lm_head(x)
+        return self._trunk(x, positions, mask, cache, start, last_only, return_hidden)
 
-    def _blocks(self, x, cos, sin, mask, cache, start):
-        """The decoder blocks, where the work is; compile_inference compiles this for prefill."""
+    def _trunk(self, x, positions, mask, cache, start, last_only=False, return_hidden=False):
+        """Everything after the bookkeeping: the rotary angles, the decoder blocks (where the work is), the final
+        norm and the vocab projection. compile_inference compiles this for prefill."""
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for i, block in enumerate(self.model.layers):
             if self.grad_checkpointing and self.training:
                 x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, cache, i, start)
-        return x
+                x = block(x, cos, sin, mask, cache, i, start, last_only and i == len(self.model.layers) - 1)
+        x = self.model.norm(x)
+        return x if return_hidden else self.lm_head(x)
 
     def decode(self, tokens, cache):
         """One new token per sample, tokens (B,) -> logits (B, V): generation's inner loop. Unlike forward() it
@@ -270,22 +277,22 @@ class Llama(nn.Module):
         cache.slot += 1
         return self.lm_head(self.model.norm(x))[:, 0]
 
-    def compile_inference(self):
+    def compile_inference(self, compile_prefill=torch.compile):
         """torch.compile for generation (gpt-fast's recipe). The decode step becomes one graph with fused
         kernels; on CUDA "reduce-overhead" also records it as a CUDA graph, so a step is one replay instead of
         hundreds of kernel launches. Its first call for each (batch, max_len) compiles, which takes a while.
-        The prefill's decoder blocks are compiled with symbolic shapes, so a new prompt length reuses the graph;
-        the cache bookkeeping around them (`reserve`, the mask) stays eager."""
+        The prefill's `_trunk` is compiled with symbolic shapes, so a new prompt length reuses the graph (Llava
+        passes model.compile_frozen); the cache bookkeeping around it (`reserve`, the mask) stays eager."""
         if self.compiled:
             return
-        mode = "reduce-overhead" if self.lm_head.weight.is_cuda else None
-        step = torch.compile(self._decode, mode=mode, fullgraph=True, dynamic=False)
+        cuda = self.lm_head.weight.is_cuda
+        step = torch.compile(self._decode, mode="reduce-overhead" if cuda else None, fullgraph=True, dynamic=False)
 
         def compiled_step(tokens, cache):
             torch.compiler.cudagraph_mark_step_begin()   # a new step: the graph may overwrite its last outputs,
             return step(tokens, cache).clone()           # so hand out a copy
         self._decode, self.compiled = compiled_step, True
-        self._blocks = torch.compile(self._blocks, fullgraph=True, dynamic=True)
+        self._trunk = compile_prefill(self._trunk, fullgraph=True, dynamic=True)
 
 
 def make_mask(real, cache, start, T):

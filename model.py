@@ -154,8 +154,7 @@ class Llava(nn.Module):
         """Append a (left-padded) chunk, images spliced in, to the KV cache; return next-token logits (B, V)."""
         image_embeds = None if images is None or len(images) == 0 else self.encode_images(images)
         embeds, mask, _ = self.splice(input_ids, image_embeds, attention_mask, pad_left=True)
-        hidden = self.language_model(inputs_embeds=embeds, attention_mask=mask, cache=cache, return_hidden=True)
-        return self.language_model.lm_head(hidden[:, -1])    # only the last position is needed
+        return self.language_model(inputs_embeds=embeds, attention_mask=mask, cache=cache, last_only=True)[:, -1]
 
     def decode(self, tokens, cache):
         """One step: tokens (B,) -> logits (B, V). The image is already in the cache; only text goes in."""
@@ -211,10 +210,12 @@ class Llava(nn.Module):
 
     def compile_inference(self):
         """torch.compile for generation: the LLM's decode step and prefill (llama.py: Llama.compile_inference)
-        and the vision tower, whose input shape (n, 3, S, S) changes only with the batch."""
-        if not self.language_model.compiled:
-            self.vision_tower.compile()
-        self.language_model.compile_inference()
+        and the image encoding (vision tower + projector), whose input shape (n, 3, S, S) changes only with n."""
+        lm = self.language_model
+        compile_prefill = torch.compile if lm.lm_head.weight.is_cuda else compile_frozen
+        if not lm.compiled:
+            self.encode_images = compile_prefill(self.encode_images)
+        lm.compile_inference(compile_prefill)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     @classmethod
@@ -225,6 +226,26 @@ class Llava(nn.Module):
     def save_pretrained(self, directory, tokenizer_path=None):
         from checkpoint import save_llava
         save_llava(self, directory, tokenizer_path)
+
+
+def compile_frozen(fn, **kw):
+    """torch.compile for a prefill on a CPU, with inductor's "freezing": the weights become constants, packed once
+    for oneDNN/MKL instead of in every matmul (a second copy; later changes to them do not reach the graph). Not
+    for the decode step: at one row per matmul the packed kernels were slower. Effects: BENCHMARKS.md."""
+    compiled = torch.compile(fn, **kw, options={
+        "cpp.enable_concat_linear": True,   # one matmul for q/k/v and one for gate/up (each set shares its input)
+        "cpp_wrapper": True})               # the code calling the kernels in C++, not Python: ~0.2 ms less a call
+
+    def run(*args, **kwargs):
+        # freezing is read when dynamo traces, so it cannot be one of the options above; it is set around each
+        # call only, so that no other compile in the process (train.py's validation, say) freezes changing weights
+        cfg = torch._inductor.config
+        old, cfg.freezing = cfg.freezing, True
+        try:
+            return compiled(*args, **kwargs)
+        finally:
+            cfg.freezing = old
+    return run
 
 
 def sample(logits, temperature=0.0, top_p=1.0, top_k=0, generator=None):
