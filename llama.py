@@ -277,22 +277,23 @@ class Llama(nn.Module):
         cache.slot += 1
         return self.lm_head(self.model.norm(x))[:, 0]
 
-    def compile_inference(self, compile_prefill=torch.compile):
+    def compile_inference(self, compile_fn=torch.compile):
         """torch.compile for generation (gpt-fast's recipe). The decode step becomes one graph with fused
         kernels; on CUDA "reduce-overhead" also records it as a CUDA graph, so a step is one replay instead of
         hundreds of kernel launches. Its first call for each (batch, max_len) compiles, which takes a while.
-        The prefill's `_trunk` is compiled with symbolic shapes, so a new prompt length reuses the graph (Llava
-        passes model.compile_frozen); the cache bookkeeping around it (`reserve`, the mask) stays eager."""
+        The prefill's `_trunk` is compiled with symbolic shapes, so a new prompt length reuses the graph; the
+        cache bookkeeping around it (`reserve`, the mask) stays eager. compile_fn: Llava's CPU path passes
+        model.compile_frozen."""
         if self.compiled:
             return
         cuda = self.lm_head.weight.is_cuda
-        step = torch.compile(self._decode, mode="reduce-overhead" if cuda else None, fullgraph=True, dynamic=False)
+        step = compile_fn(self._decode, mode="reduce-overhead" if cuda else None, fullgraph=True, dynamic=False)
 
         def compiled_step(tokens, cache):
             torch.compiler.cudagraph_mark_step_begin()   # a new step: the graph may overwrite its last outputs,
             return step(tokens, cache).clone()           # so hand out a copy
         self._decode, self.compiled = compiled_step, True
-        self._trunk = compile_prefill(self._trunk, fullgraph=True, dynamic=True)
+        self._trunk = compile_fn(self._trunk, fullgraph=True, dynamic=True)
 
 
 def make_mask(real, cache, start, T):
