@@ -72,6 +72,25 @@ def test_chunked_prefill_with_left_padding_equals_full_forward():
     assert (torch.cat(parts, 1) - full)[mask.bool()].abs().max() <= 1e-5
 
 
+def test_last_only_gives_the_last_logits_and_still_fills_the_cache():
+    """last_only (Llava.prefill): the final block computes only the last position, yet every position's keys and
+    values reach the cache, so the next chunk sees the same past. Plain causal, left-padded and cached chunks."""
+    _, ours = pair(2)
+    ids = torch.randint(3, 320, (2, 16))
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[0, :5] = 0
+    with torch.no_grad():
+        full, causal = ours(ids, attention_mask=mask), ours(ids)
+        cache = ours.new_cache(2, 16)
+        first = ours(ids[:, :9], attention_mask=mask[:, :9], cache=cache, last_only=True)
+        second = ours(ids[:, 9:], cache=cache, last_only=True)
+        alone = ours(ids, last_only=True)
+    assert first.shape == second.shape == alone.shape == (2, 1, 320)
+    assert (first[:, 0] - full[:, 8]).abs().max() <= 1e-5
+    assert (second[:, 0] - full[:, -1]).abs().max() <= 1e-5
+    assert (alone[:, 0] - causal[:, -1]).abs().max() <= 1e-5
+
+
 def test_cache_overflow_is_an_error():
     _, ours = pair(2)
     cache = ours.new_cache(1, 4)
