@@ -4,7 +4,9 @@ Stage 0, for the tiny Shapes world only: what OpenAI and LMSYS did before LLaVA 
 Real LLaVA starts from a pretrained CLIP ViT-L/14 and a pretrained Vicuna. Here both are made in miniature:
   - a CLIP: the tiny ViT (vit.py) and a tiny causal text encoder (llama.py) trained contrastively (Radford et
     al. 2021, §2.3) on freshly rendered scenes and their full descriptions, so the ViT's features say what is
-    where in words' terms; saved as an HF CLIPModel-style directory (vision_model.*, text_model.*, projections)
+    where in words' terms, plus a region-word loss (as GLIP and RegionCLIP add) that ties each object's own
+    patch feature to its colour, shape, size and position words; saved as an HF CLIPModel-style directory
+    (vision_model.*, text_model.*, projections)
   - a "Vicuna": the tiny LLaMA trained on next-token prediction over the Shapes text corpus; saved as an HF
     LLaMA directory with the tokenizer
 Stages 1 and 2 then load them exactly as they load openai/clip-vit-large-patch14-336 and lmsys/vicuna-7b-v1.5.
@@ -49,6 +51,26 @@ class TinyCLIP(nn.Module):
         labels = torch.arange(len(ids))          # the i-th image belongs with the i-th text
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
+    def word_loss(self, pixels, cells, words):
+        """Region-word contrast: the patch feature LLaVA reads (penultimate layer) of every occupied cell against
+        the embeddings of the words of each group (colours, shapes, sizes, places), in the joint space.
+
+        cells: (n, 2) rows of (image, patch); words: per group the token ids (each BOS word EOS) and the (n,)
+        index of each cell's word. Why: trained on whole descriptions alone, the tiny CLIP's features hold
+        shape (linearly decodable) as a tiny direction next to "occupied or not", and stage 2 then learns the
+        shape lookups ("What color is the circle?") at about chance (README, tiny model)"""
+        feats = self.vision_model(pixels, layer=-2)[cells[:, 0], cells[:, 1]]               # (n, D)
+        img = F.normalize(self.visual_projection(feats), dim=-1)                            # (n, dim)
+        scale = self.logit_scale.exp().clamp(max=100)
+        loss = 0.0
+        for ids, target in words:
+            lengths = torch.tensor([len(t) for t in ids])
+            padded = torch.tensor([t + [0] * (int(lengths.max()) - len(t)) for t in ids])   # (W, L); causal: pad unseen
+            hidden = self.text_model(padded, return_hidden=True)                            # (W, L, D)
+            txt = F.normalize(self.text_projection(hidden[torch.arange(len(ids)), lengths - 1]), dim=-1)  # (W, dim)
+            loss = loss + F.cross_entropy(scale * img @ txt.t(), target)                    # (n, W) logits
+        return loss / len(words)
+
 
 def pretrain_clip(out, tok, steps=300, batch=128, lr=3e-4, seed=0):
     torch.manual_seed(seed)
@@ -58,6 +80,8 @@ def pretrain_clip(out, tok, steps=300, batch=128, lr=3e-4, seed=0):
                              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
     model = TinyCLIP(vcfg, tcfg, vcfg.projection_dim)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    groups = [list(shapes.COLORS), shapes.SHAPES, list(shapes.SIZES), shapes.CELLS]   # one word group per attribute
+    word_ids = [[tok.encode(w) + [tok.eos_id] for w in group] for group in groups]
     for step in (bar := tqdm(range(steps), desc="stage 0: CLIP")):
         # half the batch are "twins" of the other half with one attribute of one object changed (hard
         # negatives, as NegCLIP): telling a scene from its twin takes shape, size and position, not just colour
@@ -67,13 +91,19 @@ def pretrain_clip(out, tok, steps=300, batch=128, lr=3e-4, seed=0):
         texts = [tok.encode(shapes.describe(s)) + [tok.eos_id] for s in scenes]
         lengths = torch.tensor([len(t) for t in texts])
         ids = torch.tensor([t + [tok.pad_id] * (int(lengths.max()) - len(t)) for t in texts])   # right padding
+        occupied = [(b, o) for b, s in enumerate(scenes) for o in s]
+        cells = torch.tensor([(b, o["cell"]) for b, o in occupied])     # (n, 2); patch i is cell i (row-major)
+        target = torch.tensor([(groups[0].index(o["color"]), groups[1].index(o["shape"]), groups[2].index(o["size"]),
+                                o["cell"]) for _, o in occupied])                 # (n, 4): each object's words
+        words = list(zip(word_ids, target.t()))
         for g in opt.param_groups:
             g["lr"] = lr * cosine(step, steps)
-        loss = model(pixels, ids, lengths)
-        loss.backward()
+        clip_loss = model(pixels, ids, lengths)
+        word_loss = model.word_loss(pixels, cells, words)
+        (clip_loss + word_loss).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{clip_loss.item():.3f}", words=f"{word_loss.item():.3f}")
     os.makedirs(out, exist_ok=True)
     write_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out, "model.safetensors"))
     config = {"model_type": "clip", "architectures": ["CLIPModel"], "projection_dim": vcfg.projection_dim,
@@ -83,7 +113,7 @@ def pretrain_clip(out, tok, steps=300, batch=128, lr=3e-4, seed=0):
     json.dump({"image_mean": list(vcfg.image_mean), "image_std": list(vcfg.image_std), "size": vcfg.image_size,
                "crop_size": vcfg.image_size, "resample": 3}, open(os.path.join(out, "preprocessor_config.json"), "w"),
               indent=2)
-    return loss.item()
+    return clip_loss.item(), word_loss.item()
 
 
 def pretrain_llm(out, tok_path, corpus, steps=400, batch=32, seq=128, lr=1e-3, seed=0):
@@ -125,8 +155,8 @@ def main(cfg):
     if not os.path.exists(os.path.join(data, "corpus.txt")):
         shapes.generate(data)
     tok_path = os.path.join(data, "tokenizer.model")
-    clip_loss = pretrain_clip(cfg.vision_tower, Tokenizer(tok_path), seed=cfg.seed)
+    clip_loss, word_loss = pretrain_clip(cfg.vision_tower, Tokenizer(tok_path), seed=cfg.seed)
     lm_loss = pretrain_llm(cfg.model_base, tok_path, os.path.join(data, "corpus.txt"), seed=cfg.seed)
-    print(f"stage 0 done: CLIP loss {clip_loss:.3f} -> {cfg.vision_tower}; LLaMA loss {lm_loss:.3f} -> "
-          f"{cfg.model_base}")
+    print(f"stage 0 done: CLIP loss {clip_loss:.3f} (region-word {word_loss:.3f}) -> {cfg.vision_tower}; LLaMA loss "
+          f"{lm_loss:.3f} -> {cfg.model_base}")
     return 0

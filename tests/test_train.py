@@ -217,3 +217,38 @@ def test_eval_writes_official_answers(tiny, capsys):
     for a, x in zip([json.loads(line) for line in open(tiny / "v1.jsonl")], questions):
         assert a["prompt"].startswith("A chat between") and a["prompt"].endswith(f"USER: <image>\n{x['text']} "
                                                                                  "ASSISTANT:")
+
+
+def test_stage0_region_word_loss_trains_the_patches_llava_reads():
+    """Stage 0's region-word loss acts on the penultimate layer's patch of each object (what LLaVA reads): the last
+    ViT block gets no gradient from it, the blocks before it and the text tower do, and a fixed batch is learned."""
+    import random
+    import llama
+    import shapes
+    import vit
+    from data import process_image
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    tok = Tokenizer(os.path.join(ROOT, "models", "shapes-llama", "tokenizer.model"))
+    vcfg = vit.PRESETS["shapes-tiny"]
+    tcfg = llama.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    model = stage0.TinyCLIP(vcfg, tcfg, 32)
+    scenes = [shapes.random_scene(rng) for _ in range(8)]
+    pixels = torch.stack([process_image(shapes.render(s, rng), vcfg.image_size, "pad") for s in scenes])
+    objects = [(b, o) for b, s in enumerate(scenes) for o in s]
+    cells = torch.tensor([(b, o["cell"]) for b, o in objects])
+    words = [([tok.encode(w) + [tok.eos_id] for w in shapes.SHAPES],
+              torch.tensor([shapes.SHAPES.index(o["shape"]) for _, o in objects]))]
+    loss = model.word_loss(pixels, cells, words)
+    loss.backward()
+    last = model.vision_model.encoder.layers[-1]
+    assert all(p.grad is None for p in last.parameters())
+    assert model.vision_model.encoder.layers[0].mlp.fc1.weight.grad.abs().sum() > 0
+    assert model.text_model.model.embed_tokens.weight.grad.abs().sum() > 0
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(40):
+        opt.zero_grad()
+        model.word_loss(pixels, cells, words).backward()
+        opt.step()
+    assert model.word_loss(pixels, cells, words).item() < 0.1 * loss.item()
