@@ -58,7 +58,10 @@ class TinyCLIP(nn.Module):
         cells: (n, 2) rows of (image, patch); words: per group the token ids (each BOS word EOS) and the (n,)
         index of each cell's word. Why: trained on whole descriptions alone, the tiny CLIP's features hold
         shape (linearly decodable) as a tiny direction next to "occupied or not", and stage 2 then learns the
-        shape lookups ("What color is the circle?") at about chance (README, tiny model)"""
+        shape lookups ("What color is the circle?") at about chance; with this loss the bundle answers shape
+        questions 57% right instead of 32% (README, tiny model)"""
+        # a second pass through the ViT's first layers (forward() ran them for the pooled CLS): simpler than
+        # threading the penultimate layer out of pooled(), and cheap at 9 patches
         feats = self.vision_model(pixels, layer=-2)[cells[:, 0], cells[:, 1]]               # (n, D)
         img = F.normalize(self.visual_projection(feats), dim=-1)                            # (n, dim)
         scale = self.logit_scale.exp().clamp(max=100)
