@@ -58,8 +58,8 @@ class TinyCLIP(nn.Module):
         cells: (n, 2) rows of (image, patch); words: per group the token ids (each BOS word EOS) and the (n,)
         index of each cell's word. Why: trained on whole descriptions alone, the tiny CLIP's features hold
         shape (linearly decodable) as a tiny direction next to "occupied or not", and stage 2 then learns the
-        shape lookups ("What color is the circle?") at about chance; with this loss the bundle answers shape
-        questions 57% right instead of 32% (README, tiny model)"""
+        shape lookups ("What color is the circle?") at about chance; with this loss (and 600 steps) the bundle
+        answers shape questions 86% right instead of 32% (README, tiny model)"""
         # a second pass through the ViT's first layers (forward() ran them for the pooled CLS): simpler than
         # threading the penultimate layer out of pooled(), and cheap at 9 patches
         feats = self.vision_model(pixels, layer=-2)[cells[:, 0], cells[:, 1]]               # (n, D)
@@ -75,7 +75,8 @@ class TinyCLIP(nn.Module):
         return loss / len(words)
 
 
-def pretrain_clip(out, tok, steps=300, batch=128, lr=3e-4, seed=0):
+def pretrain_clip(out, tok, steps=600, batch=128, lr=3e-4, seed=0):
+    # 600 steps, not 300: the same recipe then reaches 65.6% on the eval split instead of 55.3% (README, tiny model)
     torch.manual_seed(seed)
     rng = random.Random(seed)
     vcfg = vit.PRESETS["shapes-tiny"]
