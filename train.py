@@ -374,7 +374,8 @@ def _train(cfg: TrainConfig):
                 write_records(metrics, log_dir)
             if interrupted:
                 bar.close()
-                if ddp:
+                if ddp:                         # leave together: a rank that tears gloo down while rank 0
+                    dist.barrier()              # still saves can abort ("terminate called...", seen once in CI)
                     dist.destroy_process_group()
                 raise Interrupted(f"stopped at step {step}/{total}: checkpoint saved to {ckpt_path}; continue "
                                   f"with --resume")
@@ -382,6 +383,7 @@ def _train(cfg: TrainConfig):
                 break
     bar.close()
     if ddp:
+        dist.barrier()                             # as above: no rank leaves while rank 0 still writes
         dist.destroy_process_group()
     raw.metrics, raw.log_dir = metrics, log_dir
     return raw if master else None                 # the trained model (unmerged), for export on rank 0
