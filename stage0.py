@@ -35,6 +35,12 @@ def cosine(step, total, warmup=20):
     return (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
 
 
+def pad(seqs, pad_id):
+    """Token id lists -> right-padded ids (B, T) and lengths (B,); a causal encoder never sees the padding."""
+    lengths = torch.tensor([len(t) for t in seqs])
+    return torch.tensor([t + [pad_id] * (int(lengths.max()) - len(t)) for t in seqs]), lengths
+
+
 class TinyCLIP(nn.Module):
     def __init__(self, vcfg, tcfg, dim):
         super().__init__()
@@ -43,10 +49,14 @@ class TinyCLIP(nn.Module):
         self.text_projection = nn.Linear(tcfg.hidden_size, dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))    # CLIP's initial temperature
 
+    def embed_text(self, ids, lengths):
+        """Right-padded ids (B, T) -> unit vectors in the joint space (B, dim), read at each text's EOS."""
+        hidden = self.text_model(ids, return_hidden=True)                                         # (B, T, D)
+        return F.normalize(self.text_projection(hidden[torch.arange(len(ids)), lengths - 1]), dim=-1)
+
     def forward(self, pixels, ids, lengths):
         img = F.normalize(self.visual_projection(self.vision_model.pooled(pixels)), dim=-1)      # (B, dim)
-        hidden = self.text_model(ids, return_hidden=True)                                         # (B, T, D)
-        txt = F.normalize(self.text_projection(hidden[torch.arange(len(ids)), lengths - 1]), dim=-1)   # at EOS
+        txt = self.embed_text(ids, lengths)                                                       # (B, dim)
         logits = self.logit_scale.exp().clamp(max=100) * img @ txt.t()                            # (B, B)
         labels = torch.arange(len(ids))          # the i-th image belongs with the i-th text
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
@@ -55,22 +65,19 @@ class TinyCLIP(nn.Module):
         """Region-word contrast: the patch feature LLaVA reads (penultimate layer) of every occupied cell against
         the embeddings of the words of each group (colours, shapes, sizes, places), in the joint space.
 
-        cells: (n, 2) rows of (image, patch); words: per group the token ids (each BOS word EOS) and the (n,)
-        index of each cell's word. Why: trained on whole descriptions alone, the tiny CLIP's features hold
-        shape (linearly decodable) as a tiny direction next to "occupied or not", and stage 2 then learns the
-        shape lookups ("What color is the circle?") at about chance; with this loss (and 600 steps) the bundle
-        answers shape questions 86% right instead of 32% (README, tiny model)"""
+        cells: (n, 2) rows of (image, patch); words: per group the padded ids of its words (each BOS word EOS),
+        their lengths, and the (n,) index of each cell's word. Why: trained on whole descriptions alone, the tiny
+        CLIP's features hold shape (linearly decodable) as a tiny direction next to "occupied or not", and stage 2
+        then learns the shape lookups ("What color is the circle?") at about chance; with this loss (and 600
+        steps) the bundle answers shape questions 86% right instead of 32% (README, tiny model)"""
         # a second pass through the ViT's first layers (forward() ran them for the pooled CLS): simpler than
         # threading the penultimate layer out of pooled(), and cheap at 9 patches
         feats = self.vision_model(pixels, layer=-2)[cells[:, 0], cells[:, 1]]               # (n, D)
         img = F.normalize(self.visual_projection(feats), dim=-1)                            # (n, dim)
         scale = self.logit_scale.exp().clamp(max=100)
         loss = 0.0
-        for ids, target in words:
-            lengths = torch.tensor([len(t) for t in ids])
-            padded = torch.tensor([t + [0] * (int(lengths.max()) - len(t)) for t in ids])   # (W, L); causal: pad unseen
-            hidden = self.text_model(padded, return_hidden=True)                            # (W, L, D)
-            txt = F.normalize(self.text_projection(hidden[torch.arange(len(ids)), lengths - 1]), dim=-1)  # (W, dim)
+        for ids, lengths, target in words:
+            txt = self.embed_text(ids, lengths)                                             # (W, dim)
             loss = loss + F.cross_entropy(scale * img @ txt.t(), target)                    # (n, W) logits
         return loss / len(words)
 
@@ -85,7 +92,7 @@ def pretrain_clip(out, tok, steps=600, batch=128, lr=3e-4, seed=0):
     model = TinyCLIP(vcfg, tcfg, vcfg.projection_dim)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     groups = [list(shapes.COLORS), shapes.SHAPES, list(shapes.SIZES), shapes.CELLS]   # one word group per attribute
-    word_ids = [[tok.encode(w) + [tok.eos_id] for w in group] for group in groups]
+    word_ids = [pad([tok.encode(w) + [tok.eos_id] for w in group], tok.pad_id) for group in groups]   # once
     for step in (bar := tqdm(range(steps), desc="stage 0: CLIP")):
         # half the batch are "twins" of the other half with one attribute of one object changed (hard
         # negatives, as NegCLIP): telling a scene from its twin takes shape, size and position, not just colour
@@ -93,13 +100,12 @@ def pretrain_clip(out, tok, steps=600, batch=128, lr=3e-4, seed=0):
         scenes += [shapes.twin(s, rng) for s in scenes]
         pixels = torch.stack([process_image(shapes.render(s, rng), vcfg.image_size, "pad") for s in scenes])
         texts = [tok.encode(shapes.describe(s)) + [tok.eos_id] for s in scenes]
-        lengths = torch.tensor([len(t) for t in texts])
-        ids = torch.tensor([t + [tok.pad_id] * (int(lengths.max()) - len(t)) for t in texts])   # right padding
+        ids, lengths = pad(texts, tok.pad_id)
         occupied = [(b, o) for b, s in enumerate(scenes) for o in s]
         cells = torch.tensor([(b, o["cell"]) for b, o in occupied])     # (n, 2); patch i is cell i (row-major)
         target = torch.tensor([(groups[0].index(o["color"]), groups[1].index(o["shape"]), groups[2].index(o["size"]),
                                 o["cell"]) for _, o in occupied])                 # (n, 4): each object's words
-        words = list(zip(word_ids, target.t()))
+        words = [(*w, t) for w, t in zip(word_ids, target.t())]                  # (ids, lengths, target)
         for g in opt.param_groups:
             g["lr"] = lr * cosine(step, steps)
         clip_loss = model(pixels, ids, lengths)

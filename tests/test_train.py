@@ -238,7 +238,7 @@ def test_stage0_region_word_loss_trains_the_patches_llava_reads():
     pixels = torch.stack([process_image(shapes.render(s, rng), vcfg.image_size, "pad") for s in scenes])
     objects = [(b, o) for b, s in enumerate(scenes) for o in s]
     cells = torch.tensor([(b, o["cell"]) for b, o in objects])
-    words = [([tok.encode(w) + [tok.eos_id] for w in shapes.SHAPES],
+    words = [(*stage0.pad([tok.encode(w) + [tok.eos_id] for w in shapes.SHAPES], tok.pad_id),
               torch.tensor([shapes.SHAPES.index(o["shape"]) for _, o in objects]))]
     loss = model.word_loss(pixels, cells, words)
     loss.backward()
