@@ -85,11 +85,11 @@ class TrainConfig:
 PRESETS = {   # --preset NAME --stage N picks f"{NAME}-stage{N}"; every field can be overridden on the command line
     "shapes-stage1": TrainConfig(lr=2e-3, batch_size=64, micro_batch=32, epochs=1, val_samples=128, eval_every=50,
                                  num_workers=1, grad_clip=1.0),
-    # the projector learns at 10x the LLM's lr: on one-object colour questions alone that is 100% after 100 steps
-    # instead of 39% (the README's tiny-model section has what this does and does not fix)
+    # the projector learns at 10x the LLM's lr (one-object colour questions alone: 100% after 100 steps, not 39%);
+    # four epochs, not two: 75.9% on the eval split instead of 65.4% (seed 1: 77.3%; README, tiny model)
     "shapes-stage2": TrainConfig(stage=2, data="data/shapes/instruct.json", out="models/shapes-llava",
                                  template="vicuna_v1", image_aspect_ratio="pad", lr=5e-4, projector_lr=5e-3,
-                                 batch_size=32, micro_batch=32, epochs=2, val_samples=128, eval_every=100,
+                                 batch_size=32, micro_batch=32, epochs=4, val_samples=128, eval_every=100,
                                  num_workers=1, group_by_modality=True, grad_clip=1.0),
     "llava-1.5-stage1": TrainConfig(data="", image_folder="", model_base="", vision_tower="", out="",
                                     grad_checkpointing=True, val_samples=1000, eval_every=200, num_workers=4),
