@@ -133,7 +133,11 @@ TEXT_ONLY = [  # text-only chats (mix665k's ShareGPT part): knowledge of the wor
 
 
 def chat(scene, rng):
-    """A multi-turn conversation about one image, mixing short-answer and sentence-answer turns."""
+    """A conversation about one image: 1-4 question turns, mixing short-answer and sentence-answer ones, or a
+    detailed description on its own (like LLaVA-Instruct's). Why never a description after the questions: its
+    answer could be copied from the answers before it, and the model learns to copy instead of to look (eval asks
+    for it alone): 78.5% overall and 31.0% of descriptions right with it after them, 85.1% and 64.3% with it alone
+    (README, tiny model)"""
     turns = questions(scene, rng)
     rng.shuffle(turns)
     conv = []
@@ -141,8 +145,9 @@ def chat(scene, rng):
         use_short = rng.random() < 0.6
         conv += [{"from": "human", "value": f"{q}\n{SHORT}" if use_short else q},
                  {"from": "gpt", "value": short if use_short else sentence}]
-    if rng.random() < 0.3:                               # a detailed description, like LLaVA-Instruct's
-        conv += [{"from": "human", "value": rng.choice(DESCRIBE_PROMPTS)}, {"from": "gpt", "value": describe(scene)}]
+    if rng.random() < 0.3:  # (the questions are drawn first either way, so the random stream, and with it the
+        # corpus, the tokenizer, stage 0 and the eval split, is the same as when the description followed them)
+        conv = [{"from": "human", "value": rng.choice(DESCRIBE_PROMPTS)}, {"from": "gpt", "value": describe(scene)}]
     conv[0]["value"] = "<image>\n" + conv[0]["value"] if rng.random() < 0.5 else conv[0]["value"] + "\n<image>"
     return conv
 
