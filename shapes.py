@@ -145,8 +145,9 @@ def chat(scene, rng):
         use_short = rng.random() < 0.6
         conv += [{"from": "human", "value": f"{q}\n{SHORT}" if use_short else q},
                  {"from": "gpt", "value": short if use_short else sentence}]
-    if rng.random() < 0.3:  # (the questions are drawn first either way, so the random stream, and with it the
-        # corpus, the tokenizer, stage 0 and the eval split, is the same as when the description followed them)
+    # a description replaces the questions drawn above: drawing them either way keeps the random stream, and with
+    # it the corpus, the tokenizer, stage 0 and the eval split, what it was when the description followed them
+    if rng.random() < 0.3:
         conv = [{"from": "human", "value": rng.choice(DESCRIBE_PROMPTS)}, {"from": "gpt", "value": describe(scene)}]
     conv[0]["value"] = "<image>\n" + conv[0]["value"] if rng.random() < 0.5 else conv[0]["value"] + "\n<image>"
     return conv

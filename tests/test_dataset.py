@@ -34,6 +34,10 @@ def test_shapes_world_is_deterministic_and_complete(world, tmp_path):
     assert (tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2) and tok.encode("é", bos=False)  # byte fallback
     instruct = json.load(open(os.path.join(world, "instruct.json")))
     assert any("image" not in s for s in instruct) and any(len(s["conversations"]) > 2 for s in instruct)
+    # a detailed description is asked on its own, never after questions whose answers it could copy (shapes.chat)
+    described = [s["conversations"] for s in instruct if any(" in the image. A " in t["value"] for t in
+                                                                 s["conversations"])]
+    assert described and all(len(conv) == 2 for conv in described)
 
 
 def test_datasets_load_and_collate(world):
