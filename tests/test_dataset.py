@@ -35,8 +35,8 @@ def test_shapes_world_is_deterministic_and_complete(world, tmp_path):
     instruct = json.load(open(os.path.join(world, "instruct.json")))
     assert any("image" not in s for s in instruct) and any(len(s["conversations"]) > 2 for s in instruct)
     # a detailed description is asked on its own, never after questions whose answers it could copy (shapes.chat)
-    described = [s["conversations"] for s in instruct if any(" in the image. A " in t["value"] for t in
-                                                                 s["conversations"])]
+    asks = lambda t: t["value"].replace("<image>", "").strip() in shapes.DESCRIBE_PROMPTS
+    described = [s["conversations"] for s in instruct if any(asks(t) for t in s["conversations"])]
     assert described and all(len(conv) == 2 for conv in described)
 
 
