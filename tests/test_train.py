@@ -151,6 +151,18 @@ def test_an_interrupted_run_resumes_exactly(tiny):
     assert train.main(args(tiny, 2, "split", resume=True, **common | dict(lr=5e-3))) == 2
 
 
+def test_micro_batches_do_not_change_the_run(tiny):
+    """The Shapes preset splits each batch of 32 into two micro-batches of 16 for speed: the loss is a mean over
+    the whole batch's supervised tokens, so how a batch is split may change the rounding, nothing else."""
+    common = dict(max_steps=3, eval_every=3, group_by_modality=True)
+    assert train.main(args(tiny, 2, "mb8", micro_batch=8, **common)) == 0
+    assert train.main(args(tiny, 2, "mb2", micro_batch=2, **common)) == 0
+    a, b = metrics(tiny, "mb8"), metrics(tiny, "mb2")
+    for key in ("loss", "grad_norm"):
+        torch.testing.assert_close([m[key] for m in b["train"]], [m[key] for m in a["train"]], rtol=1e-5, atol=0)
+    torch.testing.assert_close(b["val"][-1]["loss"], a["val"][-1]["loss"], rtol=1e-5, atol=0)
+
+
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(tiny):
     cmd = [sys.executable, "train.py"] + args(tiny, 2, "sigint", max_steps=10000, num_workers=1)
     p = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True, bufsize=1)
