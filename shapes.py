@@ -157,8 +157,8 @@ def text_chat(scene, rng):
     """A text-only chat in the vicuna_v1 template where the user *describes* a scene and asks about it, meant to
     teach the stage-0 language model to answer from its context, as Vicuna can. (LLaVA's own instruction data was
     written by a text-only GPT-4 from captions the same way, paper §3.) In stage 0's 400 steps it does not learn
-    that: given a described scene it names colours, shapes and positions at chance (README, tiny model); the
-    chats teach it the template and the answers' wording."""
+    that: given a described scene it names colours, shapes and positions at chance (README, tiny model). What it
+    does learn from them is the template and the answers' form: each is a word of the kind asked for."""
     from data import CONV_TEMPLATES
     turns = questions(scene, rng)
     rng.shuffle(turns)
