@@ -154,7 +154,8 @@ class Attention(nn.Module):
         elif cache is not None:                                          # write this chunk, read all so far
             cache.k[layer][:, :, start:start + T] = k
             cache.v[layer][:, :, start:start + T] = v
-            k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]   # views, no copy
+            if start:           # a first chunk has nothing earlier to read (and may be one row for all B)
+                k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]   # views, no copy
         # GQA: each group of nh/n_kv query heads shares one k/v head; SDPA broadcasts them (enable_gqa)
         # instead of us materialising repeat_interleave copies
         # a plain bool even when torch.compile traces T as a symbol (compile_inference's prefill): SDPA wants one

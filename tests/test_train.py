@@ -116,6 +116,43 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert max((plain[n] - ckpt[n]).abs().max().item() for n in plain) <= 1e-6
 
 
+def test_a_shared_prefix_computed_once_gives_the_same_loss_and_gradients():
+    # Llava.trunk runs the positions every row shares (the system prompt) for one row only; rows here share 12
+    # tokens, then differ: an image in different places, different lengths (right padding)
+    torch.manual_seed(0)
+    model = Llava(PRESETS["shapes-tiny"])
+    model.language_model.init_weights(std=0.1)
+    ids = torch.randint(3, 1000, (3, 40))
+    ids[:, :12] = ids[0, :12]
+    ids[0, 14], ids[1, 20], ids[2, 12] = -200, -200, -200
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, 30:], mask[2, 25:] = False, False
+    labels = torch.where(mask, ids, IGNORE_INDEX)
+    labels[:, :6] = IGNORE_INDEX                                  # supervised from inside the shared prefix on
+    img = torch.randn(3, 3, 72, 72)
+    caches = []
+    new_cache = model.language_model.new_cache
+    model.language_model.new_cache = lambda *a, **k: caches.append(new_cache(*a, **k)) or caches[-1]
+
+    def run(shared):
+        model.zero_grad()
+        model.shared_prefix = shared
+        out = model(ids, img, labels, mask)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    (plain, g_plain), (once, g_once) = run(False), run(True)
+    assert len(caches) == 1 and caches[0].length == 40 + 8       # the prefix path ran, over all 48 positions
+    torch.testing.assert_close(once.loss, plain.loss, rtol=1e-6, atol=0)
+    for row, n in enumerate([48, 37, 32]):                      # real positions (padding's logits are unused)
+        torch.testing.assert_close(once.logits[row, :n], plain.logits[row, :n], rtol=0, atol=1e-5)
+    assert g_plain.keys() == g_once.keys() and len(g_plain) > 20
+    for n in g_plain:
+        # fp32 rounding of differently shaped matmuls: ~3e-6 of a tensor's largest gradient here. The floor is for
+        # the ViT's key biases, whose true gradient is 0 (softmax ignores a shift shared by all keys): ~1e-9 noise
+        scale = g_plain[n].abs().max().item()
+        torch.testing.assert_close(g_once[n], g_plain[n], rtol=0, atol=max(1e-5 * scale, 1e-8), msg=n)
+
+
 def test_a_fully_masked_sample_gives_no_nan():
     model = Llava(PRESETS["shapes-tiny"])
     ids = torch.randint(3, 1000, (2, 12))
