@@ -161,13 +161,17 @@ class Llava(nn.Module):
         data (~1,000 tokens a sample) it would save ~3% and cost a boolean mask (no flash attention), so it is
         used only where the prefix is at least an eighth of the batch, and not with gradient checkpointing
         (which would recompute the cache writes)."""
-        lm, (B, T, _) = self.language_model, embeds.shape
-        same = (embeds == embeds[:1]).all(-1).all(0) & mask.all(0)          # (T',) position t alike in all rows
-        p = int(same.int().cumprod(0).sum()) if self.shared_prefix and B > 1 and not lm.grad_checkpointing else 0
+        lm, (B, T, _), dev = self.language_model, embeds.shape, embeds.device
+        p = 0
+        if self.shared_prefix and B > 1 and not lm.grad_checkpointing:
+            same = (embeds == embeds[:1]).all(-1).all(0) & mask.all(0)      # (T',) position t alike in all rows
+            p = int(same.int().cumprod(0).sum())
         if 8 * p < T or p == T:
             return lm(inputs_embeds=embeds, attention_mask=mask, return_hidden=True)
-        cache = lm.new_cache(B, T, embeds.dtype)
-        head = lm(inputs_embeds=embeds[:1, :p], positions=torch.arange(p, device=embeds.device)[None], cache=cache,
+        # the cache holds keys/values as the projections make them: in the autocast dtype under autocast
+        autocast = torch.is_autocast_enabled(dev.type)
+        cache = lm.new_cache(B, T, torch.get_autocast_dtype(dev.type) if autocast else embeds.dtype)
+        head = lm(inputs_embeds=embeds[:1, :p], positions=torch.arange(p, device=dev)[None], cache=cache,
                   return_hidden=True)                        # (1, p, D); its keys/values broadcast into all B rows
         rest = lm(inputs_embeds=embeds[:, p:], attention_mask=mask[:, p:], cache=cache, return_hidden=True)
         return torch.cat([head.expand(B, -1, -1), rest], 1)                                # (B, T', D)

@@ -151,6 +151,9 @@ def test_a_shared_prefix_computed_once_gives_the_same_loss_and_gradients():
         # the ViT's key biases, whose true gradient is 0 (softmax ignores a shift shared by all keys): ~1e-9 noise
         scale = g_plain[n].abs().max().item()
         torch.testing.assert_close(g_once[n], g_plain[n], rtol=0, atol=max(1e-5 * scale, 1e-8), msg=n)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):      # as train.py on a GPU: a bf16 cache
+        torch.testing.assert_close(model(ids, img, labels, mask).loss, plain.loss, rtol=2e-2, atol=0)
+    assert len(caches) == 2 and caches[1].k[0].dtype == torch.bfloat16
 
 
 def test_a_fully_masked_sample_gives_no_nan():
