@@ -157,8 +157,8 @@ class Llava(nn.Module):
         in vicuna_v1). Under causal attention those positions do not depend on what follows, so they are the same
         in every row: run them for one row, then the rest of every row attends to their keys and values through
         a KV cache (autograd sums their gradients over the rows). Exact but for rounding (tests/test_train.py);
-        on the Shapes world, where a sample is ~100 tokens, it saves a fifth of stage 2's time (README). On real
-        data (~1,000 tokens a sample) it would save ~3% and cost a boolean mask (no flash attention), so it is
+        on the Shapes world, where a sample is ~100 tokens, it saves a fifth of stage 2's time (FINDINGS.md). On
+        real data (~1,000 tokens a sample) it would save ~3% and cost a boolean mask (no flash attention), so it is
         used only where the prefix is at least an eighth of the batch, and not with gradient checkpointing
         (which would recompute the cache writes)."""
         lm, (B, T, _), dev = self.language_model, embeds.shape, embeds.device

@@ -137,7 +137,7 @@ def chat(scene, rng):
     detailed description on its own (like LLaVA-Instruct's). Why never a description after the questions: its
     answer could be copied from the answers before it, and the model learns to copy instead of to look (eval asks
     for it alone): 78.5% overall and 31.0% of descriptions right with it after them, 85.1% and 64.3% with it alone
-    (README, tiny model)"""
+    (FINDINGS.md)"""
     turns = questions(scene, rng)
     rng.shuffle(turns)
     conv = []
@@ -157,7 +157,7 @@ def text_chat(scene, rng):
     """A text-only chat in the vicuna_v1 template where the user *describes* a scene and asks about it, meant to
     teach the stage-0 language model to answer from its context, as Vicuna can. (LLaVA's own instruction data was
     written by a text-only GPT-4 from captions the same way, paper §3.) In stage 0's 400 steps it does not learn
-    that: given a described scene it names colours, shapes and positions at chance (README, tiny model). What it
+    that: given a described scene it names colours, shapes and positions at chance (FINDINGS.md). What it
     does learn from them is the template and the answers' form: each is a word of the kind asked for."""
     from data import CONV_TEMPLATES
     turns = questions(scene, rng)

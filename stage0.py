@@ -69,7 +69,7 @@ class TinyCLIP(nn.Module):
         their lengths, and the (n,) index of each cell's word. Why: trained on whole descriptions alone, the tiny
         CLIP's features hold shape (linearly decodable) as a tiny direction next to "occupied or not", and stage 2
         then learns the shape lookups ("What color is the circle?") at about chance; with this loss (and 600
-        steps) shape questions are answered 86% right instead of 32%, with two stage-2 epochs (README, tiny model)"""
+        steps) shape questions are answered 86% right instead of 32%, with two stage-2 epochs (FINDINGS.md)"""
         # a second pass through the ViT's first layers (forward() ran them for the pooled CLS): simpler than
         # threading the penultimate layer out of pooled(), but not free: 40 ms of 205 ms forward + backward per step
         # (batch 128, 2 threads), about 24 s of stage 0
@@ -84,7 +84,7 @@ class TinyCLIP(nn.Module):
 
 
 def pretrain_clip(out, tok, steps=600, batch=128, lr=3e-4, seed=0):
-    # 600 steps, not 300: the same recipe then reaches 65.6% on the eval split instead of 55.3% (README, tiny model)
+    # 600 steps, not 300: the same recipe then reaches 65.6% on the eval split instead of 55.3% (FINDINGS.md)
     torch.manual_seed(seed)
     rng = random.Random(seed)
     vcfg = vit.PRESETS["shapes-tiny"]
@@ -137,7 +137,7 @@ def pretrain_llm(out, tok_path, corpus, steps=400, batch=32, seq=128, lr=1e-3, s
     model = llama.Llama(cfg)
     # std 1/sqrt(width), not LLaMA's 0.02 (initializer_range, chosen for 4096-wide models): at 192 wide 0.02 gives
     # attention logits of about 0.1, every head starts almost uniform, and stage 2's lookups ("What color is the
-    # circle?": find the image token with that shape, copy its colour) sit on a plateau (README, tiny model)
+    # circle?": find the image token with that shape, copy its colour) sit on a plateau (FINDINGS.md)
     model.init_weights(std=cfg.hidden_size ** -0.5)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     g = torch.Generator().manual_seed(seed)

@@ -86,7 +86,7 @@ PRESETS = {   # --preset NAME --stage N picks f"{NAME}-stage{N}"; every field ca
     "shapes-stage1": TrainConfig(lr=2e-3, batch_size=64, micro_batch=32, epochs=1, val_samples=128, eval_every=50,
                                  num_workers=1, grad_clip=1.0),
     # 5 epochs, the projector at the LLM's lr: 87.9% on the eval split, 87.3% for 4.5, 85.1% for four with it at 10x
-    # (README, tiny model); each batch, sorted by length, in two micro-batches of 16 pads less: 1.2x faster
+    # (FINDINGS.md); each batch, sorted by length, in two micro-batches of 16 pads less: 1.2x faster
     "shapes-stage2": TrainConfig(stage=2, data="data/shapes/instruct.json", out="models/shapes-llava",
                                  template="vicuna_v1", image_aspect_ratio="pad", lr=5e-4,
                                  batch_size=32, micro_batch=16, epochs=5, val_samples=128, eval_every=100,
