@@ -72,7 +72,7 @@ class TinyCLIP(nn.Module):
         steps) shape questions are answered 86% right instead of 32%, with two stage-2 epochs (FINDINGS.md)"""
         # a second pass through the ViT's first layers (forward() ran them for the pooled CLS): 40 ms of 205 ms per
         # step (batch 128, 2 threads), about 24 s of stage 0. One pass for both losses is the same but for rounding,
-        # yet CLIPs so made took the recipe to 79.0% and 79.3% instead of 87.9% and 88.3% (FINDINGS.md)
+        # yet two CLIPs so made took the recipe to 79.0% and 79.3%, where this one gives 88.3% (FINDINGS.md)
         feats = self.vision_model(pixels, layer=-2)[cells[:, 0], cells[:, 1]]               # (n, D)
         img = F.normalize(self.visual_projection(feats), dim=-1)                            # (n, dim)
         scale = self.logit_scale.exp().clamp(max=100)
