@@ -3,11 +3,14 @@ Speed and memory, side by side with transformers' LlavaForConditionalGeneration:
 device, same prompts, in one run. Each side uses the best attention it offers (ours: SDPA; HF: "sdpa").
 
     python bench.py                                   # CPU: the bundled tiny LLaVA and a ~100M-parameter config
-    python bench.py --config 7b --device cuda --dtype bfloat16     # LLaVA-1.5-7B shapes, random weights
+    python bench.py --config 7b --device cuda --dtype bfloat16 --no-train --compile   # LLaVA-1.5-7B shapes, random
+    python bench.py --config 7b --device cuda --dtype bfloat16 --train-only --lora --grad-checkpointing --train-batch 16
     python bench.py --compile ...                     # ours compiled: decode step (on CUDA a CUDA graph), prefill, ViT
     python bench.py --load models/llava-v1.5-7b       # peak RSS of loading a checkpoint, against its bf16 size
 
 Needs `transformers` (requirements-dev.txt): the reference is measured, never imported by the model code.
+--train-only measures our training steps alone (no transformers model on the device, so the peak memory is ours
+alone); --lora makes stage 2 train LoRA adapters (lora.py's, r 128 as finetune_lora.sh) instead of the whole LLM.
 Timings are medians over --iters runs after a warm-up. Results (and the machine) are written to --out as JSON.
 """
 import argparse
@@ -50,8 +53,8 @@ def ours_to_hf_key(k):
     return k[len("language_model."):]                                  # lm_head.weight
 
 
-def build(name, device, dtype):
-    """Our model and the HF model holding exactly the same weights."""
+def build(name, device, dtype, with_hf=True):
+    """Our model and the HF model holding exactly the same weights (None without with_hf)."""
     from transformers import CLIPVisionConfig, LlavaConfig as HFConfig, LlavaForConditionalGeneration
     from transformers import LlamaConfig as HFLlamaConfig
     src = CONFIGS[name][0]
@@ -62,6 +65,8 @@ def build(name, device, dtype):
         with torch.device(device):
             ours = Llava(src).to(dtype)
         ours.language_model.init_weights()
+    if not with_hf:
+        return ours, None, None
     c = ours.cfg
     v, t = c.vision, c.text
     image_token = t.vocab_size - 1                                     # HF marks image positions with a real id
@@ -104,6 +109,12 @@ def timed(fn, device, iters, warmup=1):
         sync(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def copy_bandwidth(device, n=2**29):             # bytes read + written per second by a device-to-device copy
+    x = torch.randn(n, device=device)             # 2 GiB of random data (not zeros: METHOD.md)
+    y = torch.empty_like(x)
+    return 2 * x.numel() * x.element_size() / timed(lambda: y.copy_(x), device, 10)
 
 
 def peak_memory(fn):                               # CUDA only: on a CPU both models share one process's RSS
@@ -167,6 +178,12 @@ def bench_inference(ours, hf, image_token, args, device, dtype):
                 return batch * (new_tokens - 1) / (t_n - t_1)
             r[label] = (rate(lambda n: gen(x, px, m, n)), rate(hf_gen))
         if device.type == "cuda":
+            # batch-1 decode reads every LLM weight once per token: weight bytes over the measured copy bandwidth
+            # is the most tokens/s any implementation can make (perf-anchors.md; 356 tok/s on an H200 datasheet)
+            weights = sum(p.numel() * p.element_size() for p in ours.language_model.parameters())
+            ceiling = copy_bandwidth(device) / weights
+            r["decode ceiling, batch 1 (tok/s)"] = (ceiling, None)
+            r["decode, batch 1 / ceiling"] = tuple(x / ceiling for x in r["decode, batch 1 (tok/s)"])
             r["peak memory, generate (GiB)"] = (
                 peak_memory(lambda: gen(ids, pix, mask, new_tokens)),
                 peak_memory(lambda: hf.generate(input_ids=hids, pixel_values=pix, do_sample=False,
@@ -176,7 +193,11 @@ def bench_inference(ours, hf, image_token, args, device, dtype):
 
 def bench_training(ours, hf, image_token, args, device, dtype):
     """One optimizer step of stage 1 (projector learns; gradients still flow through the frozen LLM) and of
-    stage 2 (projector + LLM learn), on the same batch; tokens/s counts every LLM position."""
+    stage 2 (projector + LLM learn, or with --lora the adapters), on the same batch and set up as train.py sets
+    them up (trainable weights kept in fp32, bf16 autocast on CUDA); tokens/s counts every LLM position. hf None:
+    ours alone. On a GPU whose peak train.py knows, MFU as train.py reports it."""
+    import train
+    from lora import apply_lora
     c, N = ours.cfg, ours.cfg.image_tokens
     text_len = CONFIGS[args.config][3]
     B = args.train_batch
@@ -187,29 +208,39 @@ def bench_training(ours, hf, image_token, args, device, dtype):
     labels[:, :text_len // 2] = -100                     # the first half is "prompt", the rest "answer"
     hx, hl = widen(x, x, N, image_token), widen(x, labels, N, -100)
     tokens = B * hx.shape[1]
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    cuda = device.type == "cuda"
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    peak = next((v for k, v in train.PEAK_BF16.items() if cuda and k in torch.cuda.get_device_name()), None)
     r = {}
     for stage in (1, 2):
         res = []
         # ours as train.py calls it: no (B, T, V) logits, the vocab projection only where a label is
-        for model, step in ((ours, lambda: ours(x, pix, labels, return_logits=False).loss),
-                            (hf, lambda: hf(input_ids=hx, pixel_values=pix, labels=hl).loss)):
+        sides = [(ours, lambda: ours(x, pix, labels, return_logits=False).loss)]
+        if hf is not None:
+            sides.append((hf, lambda: hf(input_ids=hx, pixel_values=pix, labels=hl).loss))
+        for model, step in sides:
             model.train()
             model.requires_grad_(False)
             proj = model.mm_projector if model is ours else model.model.multi_modal_projector
             llm = model.language_model if model is ours else model.model.language_model
             proj.requires_grad_(True)
-            if stage == 2:
+            if stage == 2 and args.lora:
+                apply_lora(llm, 128, 256, 0.05)       # finetune_lora.sh; the adapters are made in fp32
+            elif stage == 2:
                 llm.requires_grad_(True)
                 if model is hf:
                     model.lm_head.requires_grad_(True)
+            for p in model.parameters():              # fp32 masters, as train.build_model keeps them
+                if p.requires_grad:
+                    p.data = p.data.float()
             if args.grad_checkpointing:
                 if model is ours:
                     ours.language_model.grad_checkpointing = True
                 else:
                     hf.gradient_checkpointing_enable()
-            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
-                                    fused=device.type == "cuda")
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=cuda)
+            if model is ours:                         # HF's side: the same model and trainable set, the same FLOPs
+                f_pos, f_img = train.train_flops(ours)
 
             def one():
                 with ctx:
@@ -217,13 +248,17 @@ def bench_training(ours, hf, image_token, args, device, dtype):
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            cuda = device.type == "cuda"
-            res.append((tokens / timed(one, device, args.iters), peak_memory(one) if cuda else None))
+            t = timed(one, device, args.iters)
+            res.append((tokens / t, peak_memory(one) if cuda else None, (tokens * f_pos + B * f_img) / t / peak
+                        if peak else None))
             model.requires_grad_(False)
             model.eval()
+        res.append((None, None, None))                # ours alone: no transformers column
         r[f"stage {stage} train step (tok/s)"] = (res[0][0], res[1][0])
-        if device.type == "cuda":
+        if cuda:
             r[f"stage {stage} peak memory (GiB)"] = (res[0][1], res[1][1])
+        if peak:
+            r[f"stage {stage} MFU"] = (res[0][2], res[1][2])
     return r
 
 
@@ -252,6 +287,8 @@ def build_parser():
     p.add_argument("--compile", action="store_true",
                    help="ours: torch.compile decode step (on CUDA a CUDA graph), prefill and ViT")
     p.add_argument("--no-train", action="store_true")
+    p.add_argument("--train-only", action="store_true", help="our training steps alone: no transformers model")
+    p.add_argument("--lora", action="store_true", help="stage 2 trains LoRA adapters (r 128), not the whole LLM")
     p.add_argument("--load", default=None, help="only measure the peak RSS of loading this checkpoint")
     p.add_argument("--out", default="output/bench.json")
     return p
@@ -259,6 +296,8 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.train_only and args.no_train:
+        build_parser().error("--train-only with --no-train leaves nothing to measure")
     if args.load:
         return bench_load(args.load)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -269,11 +308,11 @@ def main(argv=None):
     results = {}
     for name in args.config or ["tiny", "100m"]:
         args.config = name
-        ours, hf, image_token = build(name, device, dtype)
+        ours, hf, image_token = build(name, device, dtype, with_hf=not args.train_only)
         if args.compile:
             ours.compile_inference()        # compiled on first use: timed()'s warm-up run pays for it
         n = sum(p.numel() for p in ours.parameters())
-        r = bench_inference(ours, hf, image_token, args, device, dtype)
+        r = {} if args.train_only else bench_inference(ours, hf, image_token, args, device, dtype)
         if not args.no_train:
             r |= bench_training(ours, hf, image_token, args, device, dtype)
         results[name] = dict(parameters=n, results=r)

@@ -144,14 +144,13 @@ def lr_factor(step, total, warmup_ratio):         # HF get_cosine_schedule_with_
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def flops_per_token(model, cfg):
-    """Model FLOPs per LLM position (llm-foundry's MFU convention, recompute not counted): forward 2N, the
-    gradient w.r.t. activations 2N (needed in every stage: the projector sits below the whole LLM), and the
-    gradient w.r.t. weights 2N for trainable weights only; plus CLIP's forward per image position."""
+def train_flops(model):
+    """FLOPs of a training step per LLM position (forward 2N; gradients w.r.t. activations 2N, the projector being
+    below the whole LLM, and w.r.t. trainable weights 2N) and per image (CLIP's forward); recompute not counted."""
     n_llm = sum(p.numel() for n, p in model.language_model.named_parameters() if "embed_tokens" not in n)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_vit = sum(p.numel() for p in model.vision_tower.parameters())
-    return 4 * n_llm + 2 * n_train, 2 * n_vit * (model.cfg.vision.num_patches + 1) / model.cfg.image_tokens
+    return 4 * n_llm + 2 * n_train, 2 * n_vit * (model.cfg.vision.num_patches + 1)
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -296,7 +295,7 @@ def _train(cfg: TrainConfig):
     raw = model
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if cuda else None)
-    f_tok, f_img = flops_per_token(raw, cfg)
+    f_pos, f_img = train_flops(raw)
     peak = next((v for k, v in PEAK_BF16.items() if cuda and k in torch.cuda.get_device_name()), None)
     N = raw.cfg.image_tokens
 
@@ -317,9 +316,9 @@ def _train(cfg: TrainConfig):
             mbs = [to_device(next(loader), device) for _ in range(A)]
             # the loss is a mean over every supervised token of the global batch (all micro-batches, all ranks),
             # so the result does not depend on how the batch is split: the official code averages per micro-batch
-            counts = torch.stack([sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in mbs),
-                                  sum(b["attention_mask"].sum() + (N - 1) * (b["input_ids"] == IMAGE_TOKEN_INDEX).sum()
-                                      for b in mbs), torch.tensor(sum(len(b["skipped"]) for b in mbs), device=device)])
+            n_img = sum((b["input_ids"] == IMAGE_TOKEN_INDEX).sum() for b in mbs)
+            n_pos = sum(b["attention_mask"].sum() for b in mbs) + (N - 1) * n_img                 # LLM positions
+            counts = torch.stack([sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in mbs), n_pos, n_img])
             if ddp:
                 dist.all_reduce(counts)
             n_tok = counts[0].clamp(min=1)
@@ -355,8 +354,9 @@ def _train(cfg: TrainConfig):
             metrics["train"].append(rec)
             metrics["skipped"] += [s for b in mbs for s in b["skipped"]]
             post = dict(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
-            if peak:
-                post["mfu"] = f"{rec['tokens_per_s'] * (f_tok + f_img) / peak:.1%}"
+            if peak:                            # counts are over all ranks; peak is one GPU's
+                rec["mfu"] = (counts[1].item() * f_pos + counts[2].item() * f_img) / dt / world / peak
+                post["mfu"] = f"{rec['mfu']:.1%}"
             if metrics["skipped"]:
                 post["skipped"] = len(metrics["skipped"])
             bar.set_postfix(post, refresh=False)

@@ -18,3 +18,16 @@ def test_bench_runs_on_the_tiny_model(tmp_path):
         ours, hf = res[k]
         assert ours > 0 and hf > 0, k
     assert "ours/HF" in r.stdout
+
+
+def test_bench_trains_ours_alone_with_lora(tmp_path):
+    """The GPU training run's flags (--train-only --lora --grad-checkpointing): our two steps alone, no HF column."""
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "bench.py", "--config", "tiny", "--iters", "1", "--train-batch", "2",
+                        "--train-only", "--lora", "--grad-checkpointing", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.load(open(out))["results"]["tiny"]["results"]
+    assert set(res) == {"stage 1 train step (tok/s)", "stage 2 train step (tok/s)"}    # no inference, no HF
+    for ours, hf in res.values():
+        assert ours > 0 and hf is None
