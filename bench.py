@@ -194,7 +194,7 @@ def bench_inference(ours, hf, image_token, args, device, dtype):
 def bench_training(ours, hf, image_token, args, device, dtype):
     """One optimizer step of stage 1 (projector learns; gradients still flow through the frozen LLM) and of
     stage 2 (projector + LLM learn, or with --lora the adapters), on the same batch and set up as train.py sets
-    them up (trainable weights kept in fp32, bf16 autocast on CUDA); tokens/s counts every LLM position. hf None:
+    them up (on CUDA bf16 autocast, trainable weights kept in fp32); tokens/s counts every LLM position. hf None:
     ours alone. On a GPU whose peak train.py knows, MFU as train.py reports it."""
     import train
     from lora import apply_lora
@@ -230,8 +230,8 @@ def bench_training(ours, hf, image_token, args, device, dtype):
                 llm.requires_grad_(True)
                 if model is hf:
                     model.lm_head.requires_grad_(True)
-            for p in model.parameters():              # fp32 masters, as train.build_model keeps them
-                if p.requires_grad:
+            for p in model.parameters():              # fp32 masters under autocast, as train.build_model keeps them
+                if p.requires_grad and cuda:
                     p.data = p.data.float()
             if args.grad_checkpointing:
                 if model is ours:
