@@ -3,14 +3,15 @@ Speed and memory, side by side with transformers' LlavaForConditionalGeneration:
 device, same prompts, in one run. Each side uses the best attention it offers (ours: SDPA; HF: "sdpa").
 
     python bench.py                                   # CPU: the bundled tiny LLaVA and a ~100M-parameter config
-    python bench.py --config 7b --device cuda --dtype bfloat16 --no-train --compile   # LLaVA-1.5-7B shapes, random
-    python bench.py --config 7b --device cuda --dtype bfloat16 --train-only --lora --grad-checkpointing --train-batch 16
+    python bench.py --config 7b --device cuda --dtype bfloat16 --only inference --compile   # LLaVA-1.5-7B shapes
+    python bench.py --config 7b --device cuda --dtype bfloat16 --only training --lora --grad-checkpointing \\
+        --train-batch 16                              # our stage-1 and stage-2 LoRA steps alone: memory, MFU
     python bench.py --compile ...                     # ours compiled: decode step (on CUDA a CUDA graph), prefill, ViT
     python bench.py --load models/llava-v1.5-7b       # peak RSS of loading a checkpoint, against its bf16 size
 
 Needs `transformers` (requirements-dev.txt): the reference is measured, never imported by the model code.
---train-only measures our training steps alone (no transformers model on the device, so the peak memory is ours
-alone); --lora makes stage 2 train LoRA adapters (lora.py's, r 128 as finetune_lora.sh) instead of the whole LLM.
+--only training measures our training steps alone (no transformers model on the device, so the peak memory is
+ours alone); --lora makes stage 2 train LoRA adapters (lora.py's, r 128 as finetune_lora.sh), not the whole LLM.
 Timings are medians over --iters runs after a warm-up. Results (and the machine) are written to --out as JSON.
 """
 import argparse
@@ -195,7 +196,7 @@ def bench_training(ours, hf, image_token, args, device, dtype):
     """One optimizer step of stage 1 (projector learns; gradients still flow through the frozen LLM) and of
     stage 2 (projector + LLM learn, or with --lora the adapters), on the same batch and set up as train.py sets
     them up (on CUDA bf16 autocast, trainable weights kept in fp32); tokens/s counts every LLM position. hf None:
-    ours alone. On a GPU whose peak train.py knows, MFU as train.py reports it."""
+    ours alone. On a GPU train.peak_bf16 knows, MFU as train.py reports it."""
     import train
     from lora import apply_lora
     c, N = ours.cfg, ours.cfg.image_tokens
@@ -210,7 +211,7 @@ def bench_training(ours, hf, image_token, args, device, dtype):
     tokens = B * hx.shape[1]
     cuda = device.type == "cuda"
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-    peak = next((v for k, v in train.PEAK_BF16.items() if cuda and k in torch.cuda.get_device_name()), None)
+    peak = train.peak_bf16(device)
     r = {}
     for stage in (1, 2):
         res = []
@@ -286,8 +287,7 @@ def build_parser():
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true",
                    help="ours: torch.compile decode step (on CUDA a CUDA graph), prefill and ViT")
-    p.add_argument("--no-train", action="store_true")
-    p.add_argument("--train-only", action="store_true", help="our training steps alone: no transformers model")
+    p.add_argument("--only", choices=["inference", "training"], help="training: ours alone, no transformers model")
     p.add_argument("--lora", action="store_true", help="stage 2 trains LoRA adapters (r 128), not the whole LLM")
     p.add_argument("--load", default=None, help="only measure the peak RSS of loading this checkpoint")
     p.add_argument("--out", default="output/bench.json")
@@ -296,8 +296,6 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.train_only and args.no_train:
-        build_parser().error("--train-only with --no-train leaves nothing to measure")
     if args.load:
         return bench_load(args.load)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -308,12 +306,12 @@ def main(argv=None):
     results = {}
     for name in args.config or ["tiny", "100m"]:
         args.config = name
-        ours, hf, image_token = build(name, device, dtype, with_hf=not args.train_only)
+        ours, hf, image_token = build(name, device, dtype, with_hf=args.only != "training")
         if args.compile:
             ours.compile_inference()        # compiled on first use: timed()'s warm-up run pays for it
         n = sum(p.numel() for p in ours.parameters())
-        r = {} if args.train_only else bench_inference(ours, hf, image_token, args, device, dtype)
-        if not args.no_train:
+        r = {} if args.only == "training" else bench_inference(ours, hf, image_token, args, device, dtype)
+        if args.only != "inference":
             r |= bench_training(ours, hf, image_token, args, device, dtype)
         results[name] = dict(parameters=n, results=r)
         print(f"\n{name}: {n / 1e6:.1f}M parameters, {args.dtype}, {machine}, torch {torch.__version__}")

@@ -210,21 +210,22 @@ def plot(metrics, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
-    steps = [m["step"] for m in metrics["train"]]
-    ax.plot(steps, [m["loss"] for m in metrics["train"]], lw=1, label="train")
+    fig, ax = plt.subplots(figsize=(7, 4), layout="tight")
+    ax.plot([m["step"] for m in metrics["train"]], [m["loss"] for m in metrics["train"]], lw=1, label="train")
     if metrics["val"]:
         ax.plot([m["step"] for m in metrics["val"]], [m["loss"] for m in metrics["val"]], "o-", label="validation")
     ax.set(xlabel="optimizer step", ylabel="loss (token mean)", title=metrics["title"])
     ax.legend()
-    fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=110)
     plt.close(fig)
     os.replace(path + ".tmp.png", path)
 
 
 # ------------------------------------------------------------------------------------------------------- train
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "RTX 4090": 165e12}
+def peak_bf16(device):                        # dense bf16 FLOP/s by datasheet, for MFU; None off the GPUs listed
+    peaks = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "RTX 4090": 165e12}
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((v for k, v in peaks.items() if k in gpu), None)
 
 
 def train(cfg: TrainConfig):
@@ -295,8 +296,7 @@ def _train(cfg: TrainConfig):
     raw = model
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if cuda else None)
-    f_pos, f_img = train_flops(raw)
-    peak = next((v for k, v in PEAK_BF16.items() if cuda and k in torch.cuda.get_device_name()), None)
+    (f_pos, f_img), peak = train_flops(raw), peak_bf16(device)       # for MFU, on a GPU
     N = raw.cfg.image_tokens
 
     stop = []                                   # Ctrl-C / SIGTERM: finish the step, save, exit

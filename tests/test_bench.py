@@ -21,10 +21,10 @@ def test_bench_runs_on_the_tiny_model(tmp_path):
 
 
 def test_bench_trains_ours_alone_with_lora(tmp_path):
-    """The GPU training run's flags (--train-only --lora --grad-checkpointing): our two steps alone, no HF column."""
+    """The GPU training run's flags (--only training --lora --grad-checkpointing): our two steps alone, no HF column."""
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "bench.py", "--config", "tiny", "--iters", "1", "--train-batch", "2",
-                        "--train-only", "--lora", "--grad-checkpointing", "--out", str(out)],
+                        "--only", "training", "--lora", "--grad-checkpointing", "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.load(open(out))["results"]["tiny"]["results"]
