@@ -241,7 +241,7 @@ def bench_training(ours, hf, image_token, args, device, dtype):
                     hf.gradient_checkpointing_enable()
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=cuda)
             if model is ours:                         # HF's side: the same model and trainable set, the same FLOPs
-                f_pos, f_img = train.train_flops(ours)
+                flops = ours.step_counts(x, m, labels)[2].item()
 
             def one():
                 with ctx:
@@ -250,8 +250,7 @@ def bench_training(ours, hf, image_token, args, device, dtype):
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             t = timed(one, device, args.iters)
-            res.append((tokens / t, peak_memory(one) if cuda else None, (tokens * f_pos + B * f_img) / t / peak
-                        if peak else None))
+            res.append((tokens / t, peak_memory(one) if cuda else None, flops / t / peak if peak else None))
             model.requires_grad_(False)
             model.eval()
         res.append((None, None, None))                # ours alone: no transformers column

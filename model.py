@@ -176,6 +176,35 @@ class Llava(nn.Module):
         rest = lm(inputs_embeds=embeds[:, p:], attention_mask=mask[:, p:], cache=cache, return_hidden=True)
         return torch.cat([head.expand(B, -1, -1), rest], 1)                                # (B, T', D)
 
+    def step_counts(self, input_ids, attention_mask, labels):
+        """[supervised tokens, LLM positions, FLOPs] of a training forward + backward on this batch (0-dim int
+        tensors stacked), for train.py's loss mean, tokens/s and MFU; the trainable set is read as it is now.
+
+        The FLOPs are the model's matmuls as MFU counts them (PaLM, appendix B; nanoGPT's estimate_mfu): real
+        positions only (padding is waste), no recomputation (--grad-checkpointing), no saving (trunk's shared
+        prefix). A linear layer of W weights costs 2W per row forward, 2W for the gradient w.r.t. its input
+        (every one above the projector needs it) and 2W for its own gradient if it learns; attention 4 T x T per
+        query-head dimension forward and twice that backward, T the sample's length; the vocab projection runs
+        at supervised positions only (forward); the frozen CLIP runs forward only, up to the layer LLaVA reads.
+        Exact against torch.utils.flop_counter (tests/test_train.py)."""
+        c, v, t = self.cfg, self.cfg.vision, self.cfg.text
+        lin = lambda mod: [(m.weight.numel(), m.weight.requires_grad)         # (weights, learns?) per nn.Linear
+                           for m in mod.modules() if isinstance(m, nn.Linear)]
+        real = attention_mask.bool()
+        n_img = ((input_ids == IMAGE_TOKEN_INDEX) & real).sum(1)                           # (B,)
+        T = real.sum(1) + (c.image_tokens - 1) * n_img                                     # (B,) spliced lengths
+        n_sup = (labels[:, 1:] != IGNORE_INDEX).sum()
+        k, S = c.vision_feature_layer % (v.num_hidden_layers + 1), v.num_patches + 1       # ViT blocks run, tokens
+        vit = (2 * self.vision_tower.embeddings.patch_embedding.weight.numel() * v.num_patches
+               + sum(2 * w * S for w, _ in lin(self.vision_tower.encoder.layers[:k])) + 4 * k * S * S * v.hidden_size)
+        proj = lin(self.mm_projector)    # its first layer's input is CLIP's (frozen): no gradient to compute there
+        per_img = vit + c.image_tokens * sum(2 * w + 2 * w * g + 2 * w * (i > 0) for i, (w, g) in enumerate(proj))
+        per_pos = sum(4 * w + 2 * w * g for w, g in lin(self.language_model.model.layers))
+        per_sup = sum(4 * w + 2 * w * g for w, g in lin(self.language_model.lm_head))
+        per_t2 = 12 * t.num_hidden_layers * t.num_attention_heads * t.head_dim
+        flops = T.sum() * per_pos + (T * T).sum() * per_t2 + n_sup * per_sup + n_img.sum() * per_img
+        return torch.stack([n_sup, T.sum(), flops])
+
     # ---------------------------------------------------------------------------------------------- inference
     def prefill(self, input_ids, images=None, cache=None, attention_mask=None):
         """Append a (left-padded) chunk, images spliced in, to the KV cache; return next-token logits (B, V)."""

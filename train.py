@@ -30,7 +30,7 @@ from tqdm import tqdm
 from checkpoint import CheckpointError, load_components, load_snapshot, save_projector, save_snapshot
 from data import DataError, LlavaDataset, Tokenizer, collate, modality_grouped_order
 from lora import apply_lora, merge_lora, save_adapter
-from model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Llava
+from model import IGNORE_INDEX, Llava
 
 
 class UsageError(Exception):
@@ -142,15 +142,6 @@ def lr_factor(step, total, warmup_ratio):         # HF get_cosine_schedule_with_
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def train_flops(model):
-    """FLOPs of a training step per LLM position (forward 2N; gradients w.r.t. activations 2N, the projector being
-    below the whole LLM, and w.r.t. trainable weights 2N) and per image (CLIP's forward); recompute not counted."""
-    n_llm = sum(p.numel() for n, p in model.language_model.named_parameters() if "embed_tokens" not in n)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_vit = sum(p.numel() for p in model.vision_tower.parameters())
-    return 4 * n_llm + 2 * n_train, 2 * n_vit * (model.cfg.vision.num_patches + 1)
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -296,8 +287,7 @@ def _train(cfg: TrainConfig):
     raw = model
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if cuda else None)
-    (f_pos, f_img), peak = train_flops(raw), peak_bf16(device)       # for MFU, on a GPU
-    N = raw.cfg.image_tokens
+    peak = peak_bf16(device)                    # for MFU, on a GPU
 
     stop = []                                   # Ctrl-C / SIGTERM: finish the step, save, exit
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -314,11 +304,10 @@ def _train(cfg: TrainConfig):
         for _ in range(first, steps_per_epoch):
             t0 = time.time()
             mbs = [to_device(next(loader), device) for _ in range(A)]
-            # the loss is a mean over every supervised token of the global batch (all micro-batches, all ranks),
-            # so the result does not depend on how the batch is split: the official code averages per micro-batch
-            n_img = sum((b["input_ids"] == IMAGE_TOKEN_INDEX).sum() for b in mbs)
-            n_pos = sum(b["attention_mask"].sum() for b in mbs) + (N - 1) * n_img                 # LLM positions
-            counts = torch.stack([sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in mbs), n_pos, n_img])
+            # [supervised tokens, LLM positions, FLOPs] of the global batch (all micro-batches, all ranks): the loss
+            # is a mean over every supervised token of it, so the result does not depend on how the batch is
+            # split (the official code averages per micro-batch)
+            counts = sum(raw.step_counts(b["input_ids"], b["attention_mask"], b["labels"]) for b in mbs)
             if ddp:
                 dist.all_reduce(counts)
             n_tok = counts[0].clamp(min=1)
@@ -355,7 +344,7 @@ def _train(cfg: TrainConfig):
             metrics["skipped"] += [s for b in mbs for s in b["skipped"]]
             post = dict(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
             if peak:                            # counts are over all ranks; peak is one GPU's
-                rec["mfu"] = (counts[1].item() * f_pos + counts[2].item() * f_img) / dt / world / peak
+                rec["mfu"] = counts[2].item() / dt / world / peak
                 post["mfu"] = f"{rec['mfu']:.1%}"
             if metrics["skipped"]:
                 post["skipped"] = len(metrics["skipped"])

@@ -156,6 +156,36 @@ def test_a_shared_prefix_computed_once_gives_the_same_loss_and_gradients():
     assert len(caches) == 2 and caches[1].k[0].dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("trainable", ["projector", "llm", "lora"])
+def test_step_counts_match_torch_flop_counter(trainable):
+    # the FLOPs behind train.py's MFU, against PyTorch's own count of the same forward + backward; attention is
+    # run by the math backend, whose matmuls the counter sees (it does not count the CPU flash kernel)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    from lora import apply_lora
+    torch.manual_seed(0)
+    model = Llava(PRESETS["shapes-tiny"])             # 6 query heads on 2 key-value heads
+    model.shared_prefix = False                       # a saving MFU does not count (nor would this batch use it)
+    model.requires_grad_(False)
+    model.mm_projector.requires_grad_(True)           # stage 1
+    if trainable == "llm":
+        model.language_model.requires_grad_(True)     # stage 2
+    if trainable == "lora":
+        apply_lora(model.language_model, 16, 32, 0.05)
+    ids = torch.randint(3, 1000, (3, 48))
+    ids[:2, 4] = -200                                 # two samples with an image, one text-only, all 48 positions
+    mask = torch.ones_like(ids, dtype=torch.bool)     # long after the splice, so nothing is padding
+    mask[:2, 40:] = False
+    labels = torch.where(mask, ids, IGNORE_INDEX)
+    labels[:, :30] = IGNORE_INDEX
+    counter = FlopCounterMode(display=False)
+    with counter, sdpa_kernel(SDPBackend.MATH):
+        model(ids, torch.randn(2, 3, 72, 72), labels, mask, return_logits=False).loss.backward()
+    n_sup, n_pos, flops = model.step_counts(ids, mask, labels).tolist()
+    assert (n_sup, n_pos) == (2 * 10 + 18, 3 * 48)     # labels at 30-39 (image rows), 30-47 (text row)
+    assert flops == counter.get_total_flops()
+
+
 def test_a_fully_masked_sample_gives_no_nan():
     model = Llava(PRESETS["shapes-tiny"])
     ids = torch.randint(3, 1000, (2, 12))
