@@ -31,7 +31,9 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         y = self.base(x)
-        return y + self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))).to(y.dtype) * self.scale
+        if not torch.is_autocast_enabled(x.device.type):    # fp32 adapters on a bf16 model; under autocast the
+            x = x.to(self.lora_A.weight.dtype)              # matmul casts anyway, and an fp32 copy of x costs memory
+        return y + self.lora_B(self.lora_A(self.dropout(x))).to(y.dtype) * self.scale
 
     def merged(self) -> nn.Linear:
         w = self.base.weight

@@ -97,6 +97,30 @@ def test_lora_leaves_the_base_unchanged_and_merges_exactly(tiny):
     assert os.path.exists(tiny / "s2-lora" / "adapter" / "non_lora_trainables.bin")
 
 
+def test_lora_under_autocast_makes_no_fp32_copy_of_its_input():
+    # train.py on a GPU: bf16 base weights, fp32 adapters, bf16 autocast. An adapter that cast its input to its
+    # own fp32 first kept a 2x-size copy (and dropout's output) per linear layer: ~2.7 GiB more at the peak of a
+    # 7B LoRA step at 16 x 2048 (an estimate with fake tensors). Here: the same on a CPU, every op's outputs seen
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from lora import LoRALinear
+
+    class Outputs(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            made.extend(t for t in (out if isinstance(out, (tuple, list)) else [out]) if torch.is_tensor(t))
+            return out
+    layer = LoRALinear(torch.nn.Linear(64, 96, bias=False).to(torch.bfloat16), 8, 16, 0.05)
+    x = torch.randn(4, 10, 64, dtype=torch.bfloat16, requires_grad=True)
+    made = []
+    with Outputs(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and layer.lora_A.weight.grad.dtype == torch.float32
+    assert not [t for t in made if t.shape == x.shape and t.dtype == torch.float32]
+    y32 = layer(x)                                    # no autocast: the adapter still casts for its fp32 weights
+    assert y32.dtype == torch.bfloat16
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     model = Llava(PRESETS["shapes-tiny"])
     model.language_model.init_weights()
