@@ -61,6 +61,7 @@ class TrainConfig:
     projector_lr: float = 0.0                      # 0: same as lr (LoRA: the projector learns at 2e-5)
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
+    hold_ratio: float = 0.0                        # share of the steps at the peak lr before the decay (0: cosine)
     epochs: float = 1.0
     max_steps: int = 0                             # 0: the whole schedule
     stop_after: int = 0                            # save and exit after this step (a job's time limit); --resume
@@ -90,7 +91,7 @@ PRESETS = {   # --preset NAME --stage N picks f"{NAME}-stage{N}"; every field ca
     "shapes-stage2": TrainConfig(stage=2, data="data/shapes/instruct.json", out="models/shapes-llava",
                                  template="vicuna_v1", image_aspect_ratio="pad", lr=5e-4,
                                  batch_size=32, micro_batch=16, epochs=5, val_samples=128, eval_every=100,
-                                 num_workers=1, group_by_modality=True, grad_clip=1.0),
+                                 num_workers=1, group_by_modality=True, grad_clip=1.0, hold_ratio=0.8),
     "llava-1.5-stage1": TrainConfig(data="", image_folder="", model_base="", vision_tower="", out="",
                                     grad_checkpointing=True, val_samples=1000, eval_every=200, num_workers=4),
     "llava-1.5-stage2": TrainConfig(stage=2, data="", image_folder="", projector="", out="", template="vicuna_v1",
@@ -137,11 +138,14 @@ def make_optimizer(model, cfg, device):
                              weight_decay=cfg.weight_decay, fused=device.type == "cuda")
 
 
-def lr_factor(step, total, warmup_ratio):         # HF get_cosine_schedule_with_warmup, as the official runs
+def lr_factor(step, total, warmup_ratio, hold_ratio=0.0):
+    """HF get_cosine_schedule_with_warmup, as the official runs. With hold_ratio the lr stays at its peak until
+    that share of the steps and only then follows the cosine down (warmup-stable-decay, as MiniCPM trains)."""
     warmup = math.ceil(warmup_ratio * total)
     if step < warmup:
         return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    start = max(warmup, int(hold_ratio * total))
+    return 0.5 * (1 + math.cos(math.pi * max(0, step - start) / max(1, total - start)))
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -311,7 +315,7 @@ def _train(cfg: TrainConfig):
             if ddp:
                 dist.all_reduce(counts)
             n_tok = counts[0].clamp(min=1)
-            lr = lr_factor(step, total, cfg.warmup_ratio)
+            lr = lr_factor(step, total, cfg.warmup_ratio, cfg.hold_ratio)
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * lr
             loss_sum = torch.zeros((), device=device)
