@@ -97,6 +97,25 @@ def test_lora_leaves_the_base_unchanged_and_merges_exactly(tiny):
     assert os.path.exists(tiny / "s2-lora" / "adapter" / "non_lora_trainables.bin")
 
 
+def test_lr_schedule_is_hf_cosine_with_warmup_and_can_hold_the_peak():
+    import math
+    from transformers.optimization import get_cosine_schedule_with_warmup
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    for total in (7, 123, 1230):
+        # the official runs: HF's Trainer with warmup_ratio 0.03, i.e. ceil(0.03 * total) warmup steps; ours
+        # warms up one step ahead (HF's first step has lr 0), then is the same
+        w = math.ceil(0.03 * total)
+        hf = get_cosine_schedule_with_warmup(opt, w, total).lr_lambdas[0]
+        assert [train.lr_factor(s, total, 0.03) for s in range(total)] == pytest.approx(
+            [hf(s + 1) for s in range(w)] + [hf(s) for s in range(w, total)], rel=0, abs=1e-12)
+        # warmup, then the peak held until 80% of the steps, then HF's cosine (no warmup) over the rest
+        hold, tail = int(0.8 * total), get_cosine_schedule_with_warmup(opt, 0, total - int(0.8 * total)).lr_lambdas[0]
+        held = [train.lr_factor(s, total, 0.03, 0.8) for s in range(total)]
+        assert held[:w] == [hf(s + 1) for s in range(w)]
+        assert set(held[w:hold]) <= {1.0}
+        assert held[hold:] == pytest.approx([tail(k) for k in range(total - hold)], rel=0, abs=1e-12)
+
+
 def test_lora_under_autocast_makes_no_fp32_copy_of_its_input():
     # train.py on a GPU: bf16 base weights, fp32 adapters, bf16 autocast. An adapter that cast its input to its
     # own fp32 first kept a 2x-size copy (and dropout's output) per linear layer: ~2.7 GiB more at the peak of a
