@@ -10,8 +10,6 @@ device, same prompts, in one run. Each side uses the best attention it offers (o
     python bench.py --load models/llava-v1.5-7b       # peak RSS of loading a checkpoint, against its bf16 size
 
 Needs `transformers` (requirements-dev.txt): the reference is measured, never imported by the model code.
---only training measures our training steps alone (no transformers model on the device, so the peak memory is
-ours alone); --lora makes stage 2 train LoRA adapters (lora.py's, r 128 as finetune_lora.sh), not the whole LLM.
 Timings are medians over --iters runs after a warm-up. Results (and the machine) are written to --out as JSON.
 """
 import argparse
@@ -113,7 +111,7 @@ def timed(fn, device, iters, warmup=1):
 
 
 def copy_bandwidth(device, n=2**29):             # bytes read + written per second by a device-to-device copy
-    x = torch.randn(n, device=device)             # 2 GiB of random data (not zeros: METHOD.md)
+    x = torch.randn(n, device=device)             # 2 GiB of random data: GPUs can run faster on zeros
     y = torch.empty_like(x)
     return 2 * x.numel() * x.element_size() / timed(lambda: y.copy_(x), device, 10)
 
@@ -286,7 +284,8 @@ def build_parser():
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true",
                    help="ours: torch.compile decode step (on CUDA a CUDA graph), prefill and ViT")
-    p.add_argument("--only", choices=["inference", "training"], help="training: ours alone, no transformers model")
+    p.add_argument("--only", choices=["inference", "training"],
+                   help="training: ours alone, no transformers model on the device (the peak memory is ours)")
     p.add_argument("--lora", action="store_true", help="stage 2 trains LoRA adapters (r 128), not the whole LLM")
     p.add_argument("--load", default=None, help="only measure the peak RSS of loading this checkpoint")
     p.add_argument("--out", default="output/bench.json")
