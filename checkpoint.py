@@ -355,16 +355,20 @@ def save_snapshot(path, model, opt, scaler, step, metrics, config: dict):
     os.replace(path + ".tmp", path)                # a crash mid-write never corrupts the last good snapshot
 
 
-def load_snapshot(path, model, opt, scaler, config: dict):
-    """Restore save_snapshot's state in place; returns (step, metrics). Refuses a run with other settings."""
+def load_snapshot(path, model, opt, scaler, config: dict, defaults: dict):
+    """Restore save_snapshot's state in place; returns (step, metrics). Refuses a run with other settings.
+    `defaults` are the settings' default values: a setting added after the snapshot was written is compared as
+    the default, which is what the older code ran as (new settings default to the old behaviour)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)   # our own file: optimizer + RNG state
     except (OSError, RuntimeError, EOFError) as e:
         raise CheckpointError(f"{path}: cannot resume from it ({str(e).splitlines()[0]})") from None
     free = ("resume", "max_steps", "stop_after", "ckpt_every", "eval_every", "num_workers")   # may change
-    diff = [k for k, v in state["config"].items() if k not in free and config.get(k) != v]
+    saved = defaults | state["config"]
+    diff = [k for k in saved.keys() | config.keys() if k not in free and config.get(k, "?") != saved.get(k, "?")]
     if diff:
-        raise CheckpointError(f"{path}: was written with other settings ({', '.join(diff)}); resume with the same ones")
+        raise CheckpointError(f"{path}: was written with other settings ({', '.join(sorted(diff))}); "
+                              "resume with the same ones")
     params = dict(model.named_parameters())
     for n, t in state["trainable"].items():
         params[n].data.copy_(t)

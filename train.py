@@ -289,7 +289,7 @@ def _train(cfg: TrainConfig):
     trainable = [p for p in model.parameters() if p.requires_grad]
     step, metrics = 0, dict(title=f"stage {cfg.stage}: {name}", train=[], val=[], skipped=[], config=asdict(cfg))
     if cfg.resume:
-        step, metrics = load_snapshot(ckpt_path, model, opt, scaler, asdict(cfg))
+        step, metrics = load_snapshot(ckpt_path, model, opt, scaler, asdict(cfg), asdict(TrainConfig()))
     raw = model
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if cuda else None)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -262,6 +263,20 @@ def test_an_interrupted_run_resumes_exactly(tiny):
     assert split["val"][-1]["loss"] == whole["val"][-1]["loss"]
     # resuming with other settings would not continue the same run: refused in one line
     assert train.main(args(tiny, 2, "split", resume=True, **common | dict(lr=5e-3))) == 2
+
+
+def test_a_snapshot_from_before_a_setting_existed_resumes_only_with_its_default(tmp_path):
+    """A setting added later (--hold-ratio, say) is missing from older snapshots, which ran as its default: resuming
+    one with another value would change the run half-way, so it is refused like any other changed setting."""
+    from checkpoint import CheckpointError, load_snapshot, save_snapshot
+    model = torch.nn.Linear(2, 2)
+    opt, scaler = torch.optim.AdamW(model.parameters()), torch.amp.GradScaler("cpu", enabled=False)
+    defaults = asdict(train.TrainConfig())
+    path = str(tmp_path / "ckpt.pt")
+    save_snapshot(path, model, opt, scaler, 5, {}, {k: v for k, v in defaults.items() if k != "hold_ratio"})
+    assert load_snapshot(path, model, opt, scaler, defaults, defaults)[0] == 5
+    with pytest.raises(CheckpointError, match="other settings \\(hold_ratio\\)"):
+        load_snapshot(path, model, opt, scaler, defaults | dict(hold_ratio=0.8), defaults)
 
 
 def test_micro_batches_do_not_change_the_run(tiny):
