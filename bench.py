@@ -229,9 +229,8 @@ def bench_training(ours, hf, image_token, args, device, dtype):
                 llm.requires_grad_(True)
                 if model is hf:
                     model.lm_head.requires_grad_(True)
-            for p in model.parameters():              # fp32 masters under autocast, as train.build_model keeps them
-                if p.requires_grad and cuda:
-                    p.data = p.data.float()
+            if cuda:                                  # fp32 masters under autocast, as train.py keeps them
+                train.fp32_masters(model)
             if args.grad_checkpointing:
                 if model is ours:
                     ours.language_model.grad_checkpointing = True
@@ -248,11 +247,13 @@ def bench_training(ours, hf, image_token, args, device, dtype):
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             t = timed(one, device, args.iters)
-            res.append((tokens / t, peak_memory(one) if cuda else None, flops / t / peak if peak else None))
+            res.append((tokens / t, peak_memory(one) if cuda else None, flops / t / peak if peak else None,
+                        sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6))
             model.requires_grad_(False)
             model.eval()
-        res.append((None, None, None))                # ours alone: no transformers column
+        res.append((None,) * 4)                       # ours alone: no transformers column
         r[f"stage {stage} train step (tok/s)"] = (res[0][0], res[1][0])
+        r[f"stage {stage} trainable (M)"] = (res[0][3], res[1][3])   # the two sides train the same weights
         if cuda:
             r[f"stage {stage} peak memory (GiB)"] = (res[0][1], res[1][1])
         if peak:

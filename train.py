@@ -118,15 +118,20 @@ def build_model(cfg, device, dtype):
         apply_lora(model.language_model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)   # adapters trainable
     elif cfg.stage == 2:
         model.language_model.requires_grad_(True)
-    for p in model.parameters():                   # trainable weights keep fp32 masters; autocast computes in bf16
-        if p.requires_grad:
-            p.data = p.data.float()
+    fp32_masters(model)
     model.vision_tower.eval()                      # frozen in every stage, and always run under no_grad
     model.language_model.grad_checkpointing = cfg.grad_checkpointing
     if cfg.compile:
         for block in model.language_model.model.layers:
             block.compile(dynamic=True)
     return model
+
+
+def fp32_masters(model):
+    """Trainable weights keep fp32 masters (the optimizer updates those); autocast computes in bf16."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
 
 
 def make_optimizer(model, cfg, device):

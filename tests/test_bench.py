@@ -1,5 +1,6 @@
 """bench.py keeps working: one iteration on the bundled tiny model (the figures themselves are in BENCHMARKS.md)."""
 import json
+import os
 import subprocess
 import sys
 
@@ -18,6 +19,22 @@ def test_bench_runs_on_the_tiny_model(tmp_path):
         ours, hf = res[k]
         assert ours > 0 and hf > 0, k
     assert "ours/HF" in r.stdout
+    projector, llm = trainable_counts()
+    assert res["stage 1 trainable (M)"] == [projector / 1e6] * 2           # both sides train the same weights
+    assert res["stage 2 trainable (M)"] == [(projector + llm) / 1e6] * 2
+
+
+def trainable_counts(lora_r=None):
+    """The bundled model's projector (mlp2x_gelu) and LLM parameter counts, from its config alone; with lora_r, the
+    LLM's LoRA adapters' instead (A: r x in, B: out x r on q/k/v/o/gate/up/down)."""
+    cfg = json.load(open(os.path.join(ROOT, "models", "shapes-llava", "config.json")))
+    c, m = cfg["text"], cfg["vision"]["hidden_size"]
+    d, f, n_layers, v = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    kv = c["num_key_value_heads"] * c["head_dim"]
+    projector = m * d + d + d * d + d
+    if lora_r:
+        return projector, n_layers * lora_r * ((d + d) * 2 + (d + kv) * 2 + (d + f) * 2 + (f + d))
+    return projector, 2 * v * d + d + n_layers * (2 * d * d + 2 * d * kv + 3 * d * f + 2 * d)
 
 
 def test_bench_trains_ours_alone_with_lora(tmp_path):
@@ -28,6 +45,8 @@ def test_bench_trains_ours_alone_with_lora(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.load(open(out))["results"]["tiny"]["results"]
-    assert set(res) == {"stage 1 train step (tok/s)", "stage 2 train step (tok/s)"}    # no inference, no HF
-    for ours, hf in res.values():
+    assert set(res) == {f"stage {s} {k}" for s in (1, 2) for k in ("train step (tok/s)", "trainable (M)")}
+    for ours, hf in res.values():                                            # no inference, no HF column
         assert ours > 0 and hf is None
+    projector, adapters = trainable_counts(lora_r=128)
+    assert res["stage 2 trainable (M)"][0] == (projector + adapters) / 1e6   # the adapters learn, not the LLM
