@@ -77,7 +77,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     compile: bool = False
     eval_every: int = 0                            # steps between validation losses (0: at the end only)
-    ckpt_every: int = 100
+    ckpt_every: int = 100                          # steps between snapshots (0: at the end and on Ctrl-C only)
     num_workers: int = 2
     seed: int = 42
     resume: bool = False
@@ -258,9 +258,9 @@ def _train(cfg: TrainConfig):
     amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
     ctx = torch.autocast("cuda", dtype=amp) if amp else contextlib.nullcontext()
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-    if cfg.batch_size % (cfg.micro_batch * world):
-        raise UsageError(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch {cfg.micro_batch} "
-                         f"x {world} processes")
+    if cfg.micro_batch < 1 or cfg.batch_size % (cfg.micro_batch * world) or cfg.batch_size < 1:
+        raise UsageError(f"--batch-size {cfg.batch_size} is not a positive multiple of --micro-batch "
+                         f"{cfg.micro_batch} x {world} processes")
     A = cfg.batch_size // (cfg.micro_batch * world)          # gradient accumulation steps
     name = os.path.basename(os.path.normpath(cfg.out))
     ckpt_path = os.path.join(cfg.ckpt_dir or os.path.join("checkpoints", name), "ckpt.pt")
@@ -367,7 +367,7 @@ def _train(cfg: TrainConfig):
             interrupted = torch.tensor(float(bool(stop) or step == cfg.stop_after), device=device)
             if ddp:                             # every rank must stop at the same step
                 dist.all_reduce(interrupted)
-            if master and (step % cfg.ckpt_every == 0 or step == total or interrupted):
+            if master and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == total or interrupted):
                 metrics["wall_time_s"] = metrics.get("wall_time_s", 0) + time.time() - t_start
                 t_start = time.time()
                 save_snapshot(ckpt_path, raw, opt, scaler, step, metrics, asdict(cfg))

@@ -245,9 +245,17 @@ def test_a_fully_masked_sample_gives_no_nan():
 
 
 def test_loss_falls_on_shapes(tiny):
-    assert train.main(args(tiny, 2, "s2-falls", max_steps=12, lr=2e-3)) == 0
+    assert train.main(args(tiny, 2, "s2-falls", max_steps=12, lr=2e-3, ckpt_every=0)) == 0   # 0: a snapshot at the end
     losses = [m["loss"] for m in metrics(tiny, "s2-falls")["train"]]
     assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
+    assert torch.load(tiny / "ckpt" / "s2-falls" / "ckpt.pt", weights_only=False)["step"] == 12
+
+
+@pytest.mark.parametrize("batch", [dict(micro_batch=0), dict(batch_size=0), dict(batch_size=6, micro_batch=4)])
+def test_bad_batch_flags_are_one_line_and_exit_2(tiny, batch, capsys):
+    assert train.main(args(tiny, 2, "bad", max_steps=1, **batch)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --batch-size") and err.count("\n") == 1, err
 
 
 def test_an_interrupted_run_resumes_exactly(tiny):
