@@ -127,11 +127,9 @@ def build_model(cfg, device, dtype):
     return model
 
 
-def fp32_masters(model):
-    """Trainable weights keep fp32 masters (the optimizer updates those); autocast computes in bf16."""
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
+def fp32_masters(model):             # trainable weights keep fp32 masters (the optimizer updates those); autocast
+    for p in (p for p in model.parameters() if p.requires_grad):     # computes in bf16
+        p.data = p.data.float()
 
 
 def make_optimizer(model, cfg, device):
@@ -261,6 +259,8 @@ def _train(cfg: TrainConfig):
     if cfg.micro_batch < 1 or cfg.batch_size % (cfg.micro_batch * world) or cfg.batch_size < 1:
         raise UsageError(f"--batch-size {cfg.batch_size} is not a positive multiple of --micro-batch "
                          f"{cfg.micro_batch} x {world} processes")
+    if cfg.max_steps < 0 or not (cfg.max_steps or cfg.epochs > 0):
+        raise UsageError(f"--epochs {cfg.epochs}, --max-steps {cfg.max_steps}: no step to run")
     A = cfg.batch_size // (cfg.micro_batch * world)          # gradient accumulation steps
     name = os.path.basename(os.path.normpath(cfg.out))
     ckpt_path = os.path.join(cfg.ckpt_dir or os.path.join("checkpoints", name), "ckpt.pt")

@@ -251,11 +251,13 @@ def test_loss_falls_on_shapes(tiny):
     assert torch.load(tiny / "ckpt" / "s2-falls" / "ckpt.pt", weights_only=False)["step"] == 12
 
 
-@pytest.mark.parametrize("batch", [dict(micro_batch=0), dict(batch_size=0), dict(batch_size=6, micro_batch=4)])
-def test_bad_batch_flags_are_one_line_and_exit_2(tiny, batch, capsys):
-    assert train.main(args(tiny, 2, "bad", max_steps=1, **batch)) == 2
+@pytest.mark.parametrize("flags", [dict(micro_batch=0), dict(batch_size=0), dict(batch_size=6, micro_batch=4),
+                                   dict(epochs=0), dict(max_steps=-1)])
+def test_bad_step_flags_are_one_line_and_exit_2(tiny, flags, capsys):
+    assert train.main(args(tiny, 2, "bad", **{"max_steps": 0, "epochs": 1} | flags)) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --batch-size") and err.count("\n") == 1, err
+    assert err.startswith("error: --") and err.count("\n") == 1, err            # before the model is loaded
+    assert f"--{next(iter(flags)).replace('_', '-')} " in err
 
 
 def test_an_interrupted_run_resumes_exactly(tiny):
