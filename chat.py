@@ -42,6 +42,12 @@ def stream_answer(model, tok, ids, images, cache, args, stop_id, max_new_tokens,
     return new
 
 
+def positive(s):                         # an argparse type: "0" or "-1" is one line and exit 2, not a silent no-op
+    if not s.isdigit() or int(s) < 1:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a positive integer")
+    return int(s)
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("image")
@@ -53,7 +59,7 @@ def build_parser():
                    help="default: the template the checkpoint was trained with")
     p.add_argument("--temperature", type=float, default=0.2, help="0 is greedy (default 0.2, as the official CLI)")
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=positive, default=512)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--seed", type=int, default=0)

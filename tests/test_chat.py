@@ -89,3 +89,9 @@ def test_bad_input_is_one_line_and_exit_2(case, bad_inputs, scene_png):
     assert "Traceback" not in r.stderr and r.stdout == ""
     named = argv[2] if "model" in case else argv[0]
     assert named in lines[0]                                     # the message names the file at fault
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "x"])
+def test_max_new_tokens_must_be_positive(value, scene_png):
+    r = chat(scene_png, "-p", "hi", "--max-new-tokens", value)     # 0 or -1 used to print an empty answer, exit 0
+    assert r.returncode == 2 and f"--max-new-tokens: '{value}' is not a positive integer" in r.stderr, r.stderr
