@@ -127,8 +127,8 @@ def build_model(cfg, device, dtype):
     return model
 
 
-def fp32_masters(model):             # trainable weights keep fp32 masters (the optimizer updates those); autocast
-    for p in (p for p in model.parameters() if p.requires_grad):     # computes in bf16
+def fp32_masters(model):           # trainable weights keep fp32 masters, which AdamW updates; autocast computes in bf16
+    for p in (p for p in model.parameters() if p.requires_grad):
         p.data = p.data.float()
 
 
