@@ -364,11 +364,9 @@ def load_snapshot(path, model, opt, scaler, config: dict, defaults: dict):
     except (OSError, RuntimeError, EOFError) as e:
         raise CheckpointError(f"{path}: cannot resume from it ({str(e).splitlines()[0]})") from None
     free = ("resume", "max_steps", "stop_after", "ckpt_every", "eval_every", "num_workers")   # may change
-    saved = defaults | state["config"]
-    diff = [k for k in saved.keys() | config.keys() if k not in free and config.get(k, "?") != saved.get(k, "?")]
+    diff = [k for k, v in (defaults | state["config"]).items() if k not in free and config.get(k) != v]
     if diff:
-        raise CheckpointError(f"{path}: was written with other settings ({', '.join(sorted(diff))}); "
-                              "resume with the same ones")
+        raise CheckpointError(f"{path}: was written with other settings ({', '.join(diff)}); resume with the same ones")
     params = dict(model.named_parameters())
     for n, t in state["trainable"].items():
         params[n].data.copy_(t)
