@@ -172,8 +172,12 @@ def text_chat(scene, rng):
     return CONV_TEMPLATES["vicuna_v1"].prompt(msgs)
 
 
-def generate(out, seed=0, n_pretrain=8000, n_instruct=8000, n_eval=300, vocab_size=1024, image_size=72):
-    """Write the whole world under `out`; the same seed gives the same files, byte for byte."""
+def generate(out, seed=0, n_pretrain=8000, n_instruct=8000, n_eval=300, n_instruct_extra=32000, vocab_size=1024,
+             image_size=72):
+    """Write the whole world under `out`; the same seed gives the same files, byte for byte. Stage 2 reads
+    n_instruct + n_instruct_extra instruction samples; the extra ones are drawn after the eval split and kept out of
+    the stage-0 corpus, so that the tokenizer, the corpus, stage 0, stage 1 and the eval split do not depend on
+    how many there are (why so many: stage 2 sees each sample once, as LLaVA's does; FINDINGS.md)."""
     rng = random.Random(seed)
     for split in ("pretrain", "instruct", "eval"):
         os.makedirs(os.path.join(out, "images", split), exist_ok=True)
@@ -184,6 +188,16 @@ def generate(out, seed=0, n_pretrain=8000, n_instruct=8000, n_eval=300, vocab_si
         path = f"images/{split}/{i:06d}.png"
         render(scene, rng, image_size).save(os.path.join(out, path))
         return scene, path
+
+    def instruct_sample(i):                              # -> the scene, or None for a text-only sample
+        if rng.random() < 0.05:                          # text-only samples, as mix665k has
+            q, a = rng.choice(TEXT_ONLY)
+            instruct.append({"id": f"text-{i}", "conversations": [{"from": "human", "value": q},
+                                                                   {"from": "gpt", "value": a}]})
+            return None
+        scene, path = image("instruct", i)
+        instruct.append({"id": f"instruct-{i}", "image": path, "conversations": chat(scene, rng)})
+        return scene
     for i in tqdm(range(n_pretrain), desc="shapes: pretrain"):
         scene, path = image("pretrain", i)
         prompt, cap = rng.choice(CAPTION_PROMPTS), caption(scene, rng)
@@ -192,15 +206,8 @@ def generate(out, seed=0, n_pretrain=8000, n_instruct=8000, n_eval=300, vocab_si
                          "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": cap}]})
         corpus.append(cap)
     for i in tqdm(range(n_instruct), desc="shapes: instruct"):
-        if rng.random() < 0.05:                          # text-only samples, as mix665k has
-            q, a = rng.choice(TEXT_ONLY)
-            instruct.append({"id": f"text-{i}", "conversations": [{"from": "human", "value": q},
-                                                                   {"from": "gpt", "value": a}]})
-            continue
-        scene, path = image("instruct", i)
-        conv = chat(scene, rng)
-        instruct.append({"id": f"instruct-{i}", "image": path, "conversations": conv})
-        corpus += [describe(scene), text_chat(scene, rng)]
+        if (scene := instruct_sample(i)) is not None:
+            corpus += [describe(scene), text_chat(scene, rng)]
     for i in tqdm(range(n_eval), desc="shapes: eval"):
         scene, path = image("eval", i)
         seen = set()
@@ -211,6 +218,8 @@ def generate(out, seed=0, n_pretrain=8000, n_instruct=8000, n_eval=300, vocab_si
             seen.add(cat)
             text = q if cat == "description" else f"{q}\n{SHORT}"
             evals.append({"question_id": len(evals), "image": path, "text": text, "category": cat, "answer": short})
+    for i in tqdm(range(n_instruct, n_instruct + n_instruct_extra), desc="shapes: instruct (extra)"):
+        instruct_sample(i)
     corpus += [f"{q} {a}" for q, a in TEXT_ONLY] * 20 + CAPTION_PROMPTS * 5 + DESCRIBE_PROMPTS * 5 + [SHORT] * 20
     with open(os.path.join(out, "pretrain.json"), "w") as f:
         json.dump(pretrain, f, indent=1)

@@ -15,12 +15,13 @@ from model import IGNORE_INDEX, IMAGE_TOKEN_INDEX as IMG
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     import shapes
-    return shapes.generate(str(tmp_path_factory.mktemp("shapes")), seed=3, n_pretrain=40, n_instruct=60, n_eval=10)
+    return shapes.generate(str(tmp_path_factory.mktemp("shapes")), seed=3, n_pretrain=40, n_instruct=60, n_eval=10,
+                           n_instruct_extra=20)
 
 
 def test_shapes_world_is_deterministic_and_complete(world, tmp_path):
     import shapes
-    again = shapes.generate(str(tmp_path), seed=3, n_pretrain=40, n_instruct=60, n_eval=10)
+    again = shapes.generate(str(tmp_path), seed=3, n_pretrain=40, n_instruct=60, n_eval=10, n_instruct_extra=20)
     for f in ("pretrain.json", "instruct.json", "eval.jsonl", "corpus.txt", "images/instruct/000007.png"):
         assert open(os.path.join(world, f), "rb").read() == open(os.path.join(again, f), "rb").read(), f
     evals = [json.loads(line) for line in open(os.path.join(world, "eval.jsonl"))]
@@ -40,10 +41,26 @@ def test_shapes_world_is_deterministic_and_complete(world, tmp_path):
     assert described and all(len(conv) == 2 for conv in described)
 
 
+def test_extra_instruction_samples_change_nothing_before_them(world, tmp_path):
+    """Stage 2's extra samples are drawn after the eval split and kept out of the corpus: with none of them, every
+    other file (so the tokenizer, stage 0, stage 1 and the eval split) is the same, byte for byte."""
+    import shapes
+    fewer = shapes.generate(str(tmp_path), seed=3, n_pretrain=40, n_instruct=60, n_eval=10, n_instruct_extra=0)
+    for f in ("pretrain.json", "eval.jsonl", "corpus.txt", "images/eval/000009.png"):
+        assert open(os.path.join(world, f), "rb").read() == open(os.path.join(fewer, f), "rb").read(), f
+    a, b = (Tokenizer(os.path.join(w, "tokenizer.model")) for w in (world, fewer))
+    assert [a.sp.id_to_piece(i) for i in range(a.sp.get_piece_size())] == \
+        [b.sp.id_to_piece(i) for i in range(b.sp.get_piece_size())]
+    more, base = (json.load(open(os.path.join(w, "instruct.json"))) for w in (world, fewer))
+    assert len(base) == 60 and len(more) == 80 and more[:60] == base
+    assert len({s["id"] for s in more}) == 80 and all(os.path.exists(os.path.join(world, s["image"]))
+                                                      for s in more[60:] if "image" in s)
+
+
 def test_datasets_load_and_collate(world):
     tok = Tokenizer(os.path.join(world, "tokenizer.model"))
     ds = LlavaDataset(os.path.join(world, "instruct.json"), tok, world, "vicuna_v1", image_size=64)
-    assert len(ds) == 60
+    assert len(ds) == 60 + 20
     items = [ds[i] for i in range(8)]
     batch = collate(items, tok.pad_id, max_length=2048)
     n_img = sum(it["image"] is not None for it in items)

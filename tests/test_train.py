@@ -23,7 +23,7 @@ from model import IGNORE_INDEX, PRESETS, Llava
 def tiny(tmp_path_factory):
     import shapes
     root = tmp_path_factory.mktemp("train")
-    world = shapes.generate(str(root / "world"), seed=5, n_pretrain=48, n_instruct=64, n_eval=6)
+    world = shapes.generate(str(root / "world"), seed=5, n_pretrain=48, n_instruct=64, n_eval=6, n_instruct_extra=0)
     tok_path = os.path.join(world, "tokenizer.model")
     stage0.pretrain_clip(str(root / "clip"), Tokenizer(tok_path), steps=1, batch=8)
     stage0.pretrain_llm(str(root / "llama"), tok_path, os.path.join(world, "corpus.txt"), steps=1, batch=4)
