@@ -367,6 +367,7 @@ def build_parser():
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--n-pretrain", type=int, default=None)
     s.add_argument("--n-instruct", type=int, default=None)
+    s.add_argument("--n-instruct-extra", type=int, default=None, help="stage-2 samples drawn after the eval split")
     s.add_argument("--n-eval", type=int, default=None)
     return p
 

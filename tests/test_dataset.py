@@ -44,8 +44,10 @@ def test_shapes_world_is_deterministic_and_complete(world, tmp_path):
 def test_extra_instruction_samples_change_nothing_before_them(world, tmp_path):
     """Stage 2's extra samples are drawn after the eval split and kept out of the corpus: with none of them, every
     other file (so the tokenizer, stage 0, stage 1 and the eval split) is the same, byte for byte."""
-    import shapes
-    fewer = shapes.generate(str(tmp_path), seed=3, n_pretrain=40, n_instruct=60, n_eval=10, n_instruct_extra=0)
+    import data
+    fewer = str(tmp_path)                                   # through the CLI, as a user shrinks the world
+    assert data.main(["shapes", "--out", fewer, "--seed", "3", "--n-pretrain", "40", "--n-instruct", "60",
+                      "--n-eval", "10", "--n-instruct-extra", "0"]) == 0
     for f in ("pretrain.json", "eval.jsonl", "corpus.txt", "images/eval/000009.png"):
         assert open(os.path.join(world, f), "rb").read() == open(os.path.join(fewer, f), "rb").read(), f
     a, b = (Tokenizer(os.path.join(w, "tokenizer.model")) for w in (world, fewer))
