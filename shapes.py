@@ -172,7 +172,7 @@ def text_chat(scene, rng):
     return CONV_TEMPLATES["vicuna_v1"].prompt(msgs)
 
 
-def generate(out, seed=0, n_pretrain=8000, n_instruct=8000, n_eval=300, n_instruct_extra=32000, vocab_size=1024,
+def generate(out, seed=0, n_pretrain=8000, n_instruct=8000, n_eval=300, n_instruct_extra=72000, vocab_size=1024,
              image_size=72):
     """Write the whole world under `out`; the same seed gives the same files, byte for byte. Stage 2 reads
     n_instruct + n_instruct_extra instruction samples; the extra ones are drawn after the eval split and kept out of
