@@ -87,8 +87,8 @@ PRESETS = {   # --preset NAME --stage N picks f"{NAME}-stage{N}"; every field ca
     "shapes-stage1": TrainConfig(lr=2e-3, batch_size=64, micro_batch=32, epochs=1, val_samples=128, eval_every=50,
                                  num_workers=1, grad_clip=1.0),
     # one epoch over 80,000 samples, as LLaVA's stage 2 sees each sample once: 93.1% (from another stage 1, 92.8%
-    # against 91.1% for 40,000 once and 90.1% for 8,000 five times), the projector at the LLM's lr, the lr held at its
-    # peak for 80% of the steps (FINDINGS.md); batches sorted by length, in two micro-batches of 16, pad less: 1.2x faster
+    # against 91.1% for 40,000 once and 90.1% for 8,000 five times), the projector at the LLM's lr, the lr held at
+    # its peak for 80% of the steps (FINDINGS.md); batches sorted by length, in micro-batches of 16, pad less: 1.2x
     "shapes-stage2": TrainConfig(stage=2, data="data/shapes/instruct.json", out="models/shapes-llava",
                                  template="vicuna_v1", image_aspect_ratio="pad", lr=5e-4,
                                  batch_size=32, micro_batch=16, epochs=1, val_samples=128, eval_every=100,
