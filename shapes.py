@@ -11,6 +11,7 @@ data.py / train.py code paths run on it:
     eval.jsonl     official question format + reference answers    (like the eval question files)
     corpus.txt     captions, descriptions, text-only chats: the tokenizer's and stage-0 LLM's text
     tokenizer.model  a sentencepiece BPE with LLaMA's special ids (<unk>=0, <s>=1, </s>=2) and byte fallback
+    world.json     the version of this file that made them, and its settings (train.py refuses another version's)
 
     python data.py shapes --out data/shapes
 """
@@ -27,6 +28,7 @@ COLORS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 70, 220), "
 SIZES = {"small": 6.0, "large": 10.0}                    # radius in pixels on the 72-pixel canvas (24-pixel cells)
 CELLS = ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"]
 SHORT = "Answer the question using a single word or phrase."   # the official short-answer suffix
+VERSION = 2                         # world.json's; 2 (2026-12-03): 80,000 instruction samples, not 8,000
 CAPTION_PROMPTS = [                                      # the instruction list of LCS-558K (LLaVA paper, Table 8)
     "Describe the image concisely.", "Provide a brief description of the given image.",
     "Offer a succinct explanation of the picture presented.", "Summarize the visual content of the image.",
@@ -230,6 +232,28 @@ def generate(out, seed=0, n_pretrain=8000, n_instruct=8000, n_eval=300, n_instru
     with open(os.path.join(out, "corpus.txt"), "w") as f:        # documents separated by blank lines
         f.writelines(doc + "\n\n" for doc in corpus)
     train_tokenizer(os.path.join(out, "corpus.txt"), os.path.join(out, "tokenizer"), vocab_size)
+    with open(os.path.join(out, "world.json"), "w") as f:         # last: a world cut short has none (ensure)
+        json.dump(dict(version=VERSION, seed=seed, n_pretrain=n_pretrain, n_instruct=n_instruct, n_eval=n_eval,
+                       n_instruct_extra=n_instruct_extra, vocab_size=vocab_size, image_size=image_size), f, indent=1)
+    return out
+
+
+def ensure(out):
+    """The world train.py reads (stages 0-2): make it where it is missing; refuse, in one line, one made by another
+    version of this file, which the presets and their figures do not hold for (before world.json: 8,000 instruction
+    samples, so a stage 2 of 250 steps instead of 2,496)."""
+    from data import DataError
+    if not os.path.exists(os.path.join(out, "instruct.json")):
+        return generate(out)
+    try:
+        with open(os.path.join(out, "world.json")) as f:
+            version = json.load(f)["version"]
+    except (OSError, ValueError, LookupError, TypeError):
+        version = None
+    if version != VERSION:
+        made = "an older shapes.py, or cut short" if version is None else f"shapes.py version {version}"
+        raise DataError(f"{out}: made by {made} (this is version {VERSION}); make it again: python data.py shapes "
+                        f"--out {out}")
     return out
 
 

@@ -163,8 +163,7 @@ def pretrain_llm(out, tok_path, corpus, steps=400, batch=32, seq=128, lr=1e-3, s
 
 def main(cfg):
     data = os.path.dirname(cfg.data) if cfg.data.endswith(".json") else cfg.data
-    if not os.path.exists(os.path.join(data, "corpus.txt")):
-        shapes.generate(data)
+    shapes.ensure(data)                            # made if missing; refused if an older shapes.py made it
     tok_path = os.path.join(data, "tokenizer.model")
     clip_loss, word_loss = pretrain_clip(cfg.vision_tower, Tokenizer(tok_path), seed=cfg.seed)
     lm_loss = pretrain_llm(cfg.model_base, tok_path, os.path.join(data, "corpus.txt"), seed=cfg.seed)

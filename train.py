@@ -427,9 +427,9 @@ def main(argv=None):
         if cfg.stage == 0:
             import stage0
             return stage0.main(cfg)
-        if cfg.data.startswith("data/shapes") and not os.path.exists(cfg.data):
-            import shapes                       # a fresh clone: make the Shapes world first (about 10 s)
-            shapes.generate("data/shapes")
+        if cfg.data.startswith("data/shapes"):
+            import shapes                       # a fresh clone: make the Shapes world first (about 15 s); refuse
+            shapes.ensure("data/shapes")        # one an older shapes.py made (fewer samples: lower accuracy)
         model = train(cfg)
     except Interrupted as e:
         print(e, file=sys.stderr)

@@ -41,6 +41,25 @@ def test_shapes_world_is_deterministic_and_complete(world, tmp_path):
     assert described and all(len(conv) == 2 for conv in described)
 
 
+def test_train_refuses_a_world_another_shapes_py_made(world, tmp_path, monkeypatch, capsys):
+    """train.py makes data/shapes only where it is missing. One an older shapes.py made (8,000 instruction samples)
+    would run the shapes-stage2 preset over a tenth of its data without a word: it is refused, in one line."""
+    import shutil
+    import shapes
+    import train
+    shutil.copytree(world, tmp_path / "data" / "shapes")
+    monkeypatch.chdir(tmp_path)
+    assert shapes.ensure("data/shapes") == "data/shapes"        # as generate makes it: accepted
+    for stamp, why in ((None, "an older shapes.py, or cut short"), ({"version": 1}, "shapes.py version 1")):
+        if stamp is None:
+            os.remove("data/shapes/world.json")
+        else:
+            with open("data/shapes/world.json", "w") as f:
+                json.dump(stamp, f)
+        assert train.main(["--stage", "2"]) == 2                  # (stage 0 calls the same shapes.ensure)
+        assert capsys.readouterr().err == (f"error: data/shapes: made by {why} (this is version {shapes.VERSION}); "
+                                           "make it again: python data.py shapes --out data/shapes\n")
+
 def test_extra_instruction_samples_change_nothing_before_them(world, tmp_path):
     """Stage 2's extra samples are drawn after the eval split and kept out of the corpus: with none of them, every
     other file (so the tokenizer, stage 0, stage 1 and the eval split) is the same, byte for byte."""
