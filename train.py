@@ -427,9 +427,9 @@ def main(argv=None):
         if cfg.stage == 0:
             import stage0
             return stage0.main(cfg)
-        if cfg.data.startswith("data/shapes"):
-            import shapes                       # a fresh clone: make the Shapes world first (about 15 s); refuse
-            shapes.ensure("data/shapes")        # one an older shapes.py made (fewer samples: lower accuracy)
+        if os.path.normpath(os.path.dirname(cfg.data)) == os.path.join("data", "shapes"):   # the default world:
+            import shapes                       # made on a fresh clone (about 15 s); one an older shapes.py made
+            shapes.ensure("data/shapes")        # is refused (fewer samples: lower accuracy)
         model = train(cfg)
     except Interrupted as e:
         print(e, file=sys.stderr)

@@ -60,6 +60,7 @@ def test_train_refuses_a_world_another_shapes_py_made(world, tmp_path, monkeypat
         assert capsys.readouterr().err == (f"error: data/shapes: made by {why} (this is version {shapes.VERSION}); "
                                            "make it again: python data.py shapes --out data/shapes\n")
 
+
 def test_extra_instruction_samples_change_nothing_before_them(world, tmp_path):
     """Stage 2's extra samples are drawn after the eval split and kept out of the corpus: with none of them, every
     other file (so the tokenizer, stage 0, stage 1 and the eval split) is the same, byte for byte."""
