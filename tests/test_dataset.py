@@ -22,7 +22,7 @@ def world(tmp_path_factory):
 def test_shapes_world_is_deterministic_and_complete(world, tmp_path):
     import shapes
     again = shapes.generate(str(tmp_path), seed=3, n_pretrain=40, n_instruct=60, n_eval=10, n_instruct_extra=20)
-    for f in ("pretrain.json", "instruct.json", "eval.jsonl", "corpus.txt", "images/instruct/000007.png"):
+    for f in ("pretrain.json", "instruct.json", "eval.jsonl", "corpus.txt", "world.json", "images/instruct/000007.png"):
         assert open(os.path.join(world, f), "rb").read() == open(os.path.join(again, f), "rb").read(), f
     evals = [json.loads(line) for line in open(os.path.join(world, "eval.jsonl"))]
     assert {"question_id", "image", "text", "category", "answer"} <= set(evals[0])
