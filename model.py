@@ -9,6 +9,7 @@ with Visual Instruction Tuning" (LLaVA-1.5). Official code: llava/model/llava_ar
 (`prepare_inputs_labels_for_multimodal` is `Llava.splice` here). `from_pretrained` / `save_pretrained` hand over
 to checkpoint.py, which reads every published layout (DESIGN.md §4).
 """
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from typing import NamedTuple
 
@@ -232,14 +233,21 @@ class Llava(nn.Module):
                 (input_ids == IMAGE_TOKEN_INDEX).sum(1).max()) * self.cfg.image_tokens
             cache = self.new_cache(len(input_ids), T + max_new_tokens)
         logits = self.prefill(input_ids, images, cache, attention_mask)
-        done = torch.zeros(len(input_ids), dtype=torch.bool, device=logits.device)
+        done = [False] * len(input_ids)    # kept on the host: one copy a step, not five tiny tensor ops (~20 us)
         for step in range(max_new_tokens):
-            tok = sample(logits, temperature, top_p, top_k, generator).masked_fill(done, pad)
+            tok = sample(logits, temperature, top_p, top_k, generator)
+            if any(done):                      # a sample that has finished yields the pad id
+                tok = tok.masked_fill(torch.tensor(done, device=tok.device), pad)
             yield tok
-            done |= tok == eos
-            if step == max_new_tokens - 1 or bool(done.all()):
+            done = [d or t == eos for d, t in zip(done, tok.tolist())]
+            if step == max_new_tokens - 1 or all(done):
                 break
-            logits = self.decode(tok, cache)
+            # from the second step on, a compiled step is called with the very objects whose guards (the checks
+            # that its inputs still match what it was compiled for) the first step passed: the steady state in
+            # which torch.compile lets them be skipped (~50 us a token on a CPU)
+            steady = step > 0 and self.language_model.compiled
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) if steady else nullcontext():
+                logits = self.decode(tok, cache)
 
     def _generate_uncached(self, input_ids, images, attention_mask, max_new_tokens, temperature, top_p, top_k,
                            eos, generator):
@@ -287,7 +295,9 @@ class Llava(nn.Module):
 def compile_frozen(fn, **kw):
     """torch.compile for generation on a CPU, with inductor's "freezing": the weights become constants, packed
     once for oneDNN/MKL instead of in every matmul (a second copy; later changes to them do not reach the graph).
-    The ~118M model's decode: 48-52 tokens/s instead of 35; the tiny model's prefill: 3.3 ms instead of 5.6."""
+    Llava.compile_inference uses it for what has static shapes: the image encoding and the batched decode step.
+    Not for the prefill (symbolic shapes: frozen, its linears become oneDNN calls of ~65 us each for the tiny
+    model) nor for a batch-1 decode step (llama.py, Llama.compile_inference)."""
     compiled = torch.compile(fn, **kw, options={
         "cpp.enable_concat_linear": True,   # one matmul for q/k/v and one for gate/up (each set shares its input)
         "cpp_wrapper": True})               # the code calling the kernels in C++, not Python: ~0.2 ms less a call
