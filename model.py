@@ -295,9 +295,9 @@ class Llava(nn.Module):
 def compile_frozen(fn, **kw):
     """torch.compile for generation on a CPU, with inductor's "freezing": the weights become constants, packed
     once for oneDNN/MKL instead of in every matmul (a second copy; later changes to them do not reach the graph).
-    Llava.compile_inference uses it for what has static shapes: the image encoding and the batched decode step.
-    Not for the prefill (symbolic shapes: frozen, its linears become oneDNN calls of ~65 us each for the tiny
-    model) nor for a batch-1 decode step (llama.py, Llama.compile_inference)."""
+    Llava.compile_inference uses it for what has static shapes: the image encoding and the decode step. Not for
+    the prefill (symbolic shapes: frozen, its linears become oneDNN calls of ~66 us each for the tiny model) nor
+    for a small model's batch-1 decode step (llama.py, Llama.compile_inference)."""
     compiled = torch.compile(fn, **kw, options={
         "cpp.enable_concat_linear": True,   # one matmul for q/k/v and one for gate/up (each set shares its input)
         "cpp_wrapper": True})               # the code calling the kernels in C++, not Python: ~0.2 ms less a call
