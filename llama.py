@@ -288,16 +288,16 @@ class Llama(nn.Module):
             def cuda_step(tokens, cache):
                 torch.compiler.cudagraph_mark_step_begin()   # a new step: the graph may overwrite its last outputs,
                 return step(tokens, cache).clone()           # so hand out a copy
-            self._decode, cpu = cuda_step, {}
+            self._decode, trunk_kw = cuda_step, {}
         else:   # a batch-1 step of a model whose weights stay in cache is call overhead: inductor writes its matrix-
             # vector products as fused C++ loops (decompose_mm_pass; tiny model: 0.65 -> 0.57 ms); else MKL, packed
-            cpu = {"options": {"cpp_wrapper": True}}         # the prefill is not frozen: see model.compile_frozen
+            trunk_kw = {"options": {"cpp_wrapper": True}}    # the prefill is not frozen: see model.compile_frozen
             gemv = torch.compile(self._decode, fullgraph=True, dynamic=False, options={
                 "cpp_wrapper": True, "post_grad_fusion_options": {"decompose_mm_pass": {}}})
             gemm = compile_fn(self._decode, fullgraph=True, dynamic=False)
             small = sum(p.numel() * p.element_size() for p in self.parameters()) <= 2**26    # 64 MB
             self._decode = lambda tokens, cache: (gemv if small and len(tokens) == 1 else gemm)(tokens, cache)
-        self._trunk, self.compiled = torch.compile(self._trunk, fullgraph=True, dynamic=True, **cpu), True
+        self._trunk, self.compiled = torch.compile(self._trunk, fullgraph=True, dynamic=True, **trunk_kw), True
 
 
 def make_mask(real, cache, start, T):
