@@ -101,6 +101,18 @@ class Llava(nn.Module):
         Returns embeds (B, T', D), attention mask (B, T') and labels (B, T') or None. Padding in the input is
         dropped and re-added (zero embeddings, label -100) on the right for training or on the left for
         batched generation, so the input may be padded on either side."""
+        embed = self.language_model.model.embed_tokens
+        if len(input_ids) == 1 and attention_mask is None and labels is None:   # one prompt (chat.py) is a concat:
+            at = (input_ids[0] == IMAGE_TOKEN_INDEX).nonzero()[:, 0].tolist()   # text before, image, text after
+            if len(at) == (0 if image_embeds is None else len(image_embeds)):   # (else the error below)
+                # why a path of its own: right after the vision tower each small op costs ~10 us (caches cold),
+                # and 5 ops for the scatter's ~25 take 0.19 ms off the tiny model's 2.5 ms prefill (BENCHMARKS.md)
+                text, pieces, prev = embed(input_ids.clamp(min=0)), [], 0                 # (1, T, D)
+                for i, p in enumerate(at):
+                    pieces += [text[:, prev:p], image_embeds[i:i + 1].to(text.dtype)]    # (1, p - prev, D), (1, N, D)
+                    prev = p + 1
+                out = torch.cat(pieces + [text[:, prev:]], 1)                             # (1, T', D)
+                return out, torch.ones(out.shape[:2], dtype=torch.bool, device=out.device), None
         B, T = input_ids.shape
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         is_img = (input_ids == IMAGE_TOKEN_INDEX) & real
@@ -115,7 +127,7 @@ class Llava(nn.Module):
         lengths = end[:, -1]                                                            # (B,)
         T2 = int(lengths.max())
         shift = (T2 - lengths) if pad_left else torch.zeros_like(lengths)               # (B,)
-        text_embeds = self.language_model.model.embed_tokens(input_ids.clamp(min=0))    # -200 -> row 0, unused
+        text_embeds = embed(input_ids.clamp(min=0))                                     # -200 -> row 0, unused
         out = text_embeds.new_zeros(B, T2, text_embeds.shape[-1])                       # padding embeds are 0
         b, t = (real & ~is_img).nonzero(as_tuple=True)
         dst = end[b, t] - 1 + shift[b]

@@ -71,6 +71,24 @@ def test_splice_positions_labels_and_padding_sides(pair):
         ours.splice(ids, feats[:1], mask)
 
 
+def test_one_unpadded_prompt_is_spliced_by_concatenation_as_the_scatter_does(pair):
+    _, ours = pair
+    for ids in ([1, 10, IMG, 11, 12], [1, 10, 11], [IMG, 5, 6, IMG], [1, 2, IMG]):
+        x, n = torch.tensor([ids]), ids.count(IMG)
+        feats = torch.randn(n, 4, 64) if n else None
+        with torch.profiler.profile() as short:                      # no mask, no labels: the concatenation
+            a = ours.splice(x, feats)
+        with torch.profiler.profile() as scatter:                    # a mask: the general path
+            b = ours.splice(x, feats, torch.ones_like(x))
+        ops = lambda prof: {e.name for e in prof.events()}
+        assert "aten::cat" in ops(short) and "aten::index_put_" not in ops(short)
+        assert "aten::index_put_" in ops(scatter)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] is None and b[2] is None
+        assert a[0].shape == (1, len(ids) + 3 * n, 64)
+    with pytest.raises(ValueError, match="1 image placeholders in input_ids but 0 images"):
+        ours.splice(torch.tensor([[1, IMG, 2]]))
+
+
 def test_loss_is_the_token_weighted_mean_and_all_masked_gives_zero(exact_attention, pair):
     hf, ours = pair
     ids = torch.tensor([PROMPT, PROMPT])
