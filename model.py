@@ -103,7 +103,7 @@ class Llava(nn.Module):
         batched generation, so the input may be padded on either side."""
         embed = self.language_model.model.embed_tokens
         if len(input_ids) == 1 and attention_mask is None and labels is None:   # one prompt (chat.py) is a concat:
-            at = (input_ids[0] == IMAGE_TOKEN_INDEX).nonzero()[:, 0].tolist()   # text before, image, text after
+            at = [i for i, t in enumerate(input_ids[0].tolist()) if t == IMAGE_TOKEN_INDEX]   # text, image, text
             if len(at) == (0 if image_embeds is None else len(image_embeds)):   # (else the error below)
                 # why a path of its own: right after the vision tower each small op costs ~10 us (caches cold),
                 # and 5 ops for the scatter's ~25 take 0.19 ms off the tiny model's 2.5 ms prefill (BENCHMARKS.md)
