@@ -73,6 +73,10 @@ def test_splice_positions_labels_and_padding_sides(pair):
 
 def test_one_unpadded_prompt_is_spliced_by_concatenation_as_the_scatter_does(pair):
     _, ours = pair
+
+    def ops(prof):
+        return {e.name for e in prof.events()}
+
     for ids in ([1, 10, IMG, 11, 12], [1, 10, 11], [IMG, 5, 6, IMG], [1, 2, IMG]):
         x, n = torch.tensor([ids]), ids.count(IMG)
         feats = torch.randn(n, 4, 64) if n else None
@@ -80,7 +84,6 @@ def test_one_unpadded_prompt_is_spliced_by_concatenation_as_the_scatter_does(pai
             a = ours.splice(x, feats)
         with torch.profiler.profile() as scatter:                    # a mask: the general path
             b = ours.splice(x, feats, torch.ones_like(x))
-        ops = lambda prof: {e.name for e in prof.events()}
         assert "aten::cat" in ops(short) and "aten::index_put_" not in ops(short)
         assert "aten::index_put_" in ops(scatter)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] is None and b[2] is None
