@@ -26,6 +26,7 @@ import torch
 
 import llama
 import vit
+from checkpoint import llava_hf_key
 from model import IMAGE_TOKEN_INDEX, LlavaConfig, Llava
 
 CONFIGS = {  # name -> (our config or a checkpoint dir, prompt text tokens, new tokens, training text tokens)
@@ -41,17 +42,6 @@ CONFIGS = {  # name -> (our config or a checkpoint dir, prompt text tokens, new 
 
 
 # ---------------------------------------------------------------------------------------------- the two models
-def ours_to_hf_key(k):
-    if k.startswith("vision_tower."):
-        return "model." + k
-    if k.startswith("mm_projector."):
-        return "model.multi_modal_projector." + k[len("mm_projector."):].replace("0.", "linear_1.", 1).replace(
-            "2.", "linear_2.", 1)
-    if k.startswith("language_model.model."):
-        return "model.language_model." + k[len("language_model.model."):]
-    return k[len("language_model."):]                                  # lm_head.weight
-
-
 def build(name, device, dtype, with_hf=True):
     """Our model and the HF model holding exactly the same weights (None without with_hf)."""
     from transformers import CLIPVisionConfig, LlavaConfig as HFConfig, LlavaForConditionalGeneration
@@ -78,7 +68,8 @@ def build(name, device, dtype, with_hf=True):
         projector_hidden_act="gelu")
     with torch.device(device):
         hf = LlavaForConditionalGeneration._from_config(hf_cfg, attn_implementation="sdpa", dtype=dtype)
-    hf.load_state_dict({ours_to_hf_key(k): p for k, p in ours.state_dict().items()}, strict=True)
+    mine = ours.state_dict()             # each HF key through checkpoint.py's llava-hf map to the weight it names
+    hf.load_state_dict({k: mine[llava_hf_key(k)] for k in hf.state_dict()}, strict=True)
     ours.eval(), hf.eval()
     return ours, hf, image_token
 
