@@ -43,7 +43,7 @@ class Interrupted(Exception):
 
 @dataclass
 class TrainConfig:
-    stage: int = 1
+    stage: int = 1                                 # 0 (the tiny world's pretraining), 1 or 2
     data: str = "data/shapes/pretrain.json"       # LLaVA JSON: LCS-558K (stage 1), mix665k (stage 2)
     image_folder: str = "data/shapes"
     val_data: str = ""                             # a held-out LLaVA JSON; default: val_samples held out of `data`
@@ -107,8 +107,7 @@ LORA = dict(lr=2e-4, projector_lr=2e-5)            # finetune_lora.sh
 def build_model(cfg, device, dtype):
     """Load the stage's starting point and freeze by hand: nothing learns unless this says so."""
     if cfg.stage == 1:
-        model = load_components(Llava, cfg.model_base, cfg.vision_tower, cfg.projector_type, dtype=dtype,
-                                device=device)
+        model = load_components(Llava, cfg.model_base, cfg.vision_tower, cfg.projector_type, dtype=dtype, device=device)
     else:
         model = Llava.from_pretrained(cfg.projector, dtype=dtype, device=device)   # base LLM + projector + CLIP
     model.cfg = replace(model.cfg, conv_template=cfg.template, image_aspect_ratio=cfg.image_aspect_ratio)
@@ -405,7 +404,8 @@ def parse_args(argv=None):
         if f.type is bool or f.type == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
-            p.add_argument(flag, type={"int": int, "float": float, "str": str}.get(str(f.type), f.type), default=None)
+            p.add_argument(flag, type={"int": int, "float": float, "str": str}.get(str(f.type), f.type), default=None,
+                           choices=(0, 1, 2) if f.name == "stage" else None)
     args = p.parse_args(argv)
     stage = args.stage if args.stage is not None else 1
     key = f"{args.preset}-stage{max(1, min(stage, 2))}"   # stage 0 writes where stage 1 reads

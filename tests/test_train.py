@@ -260,6 +260,13 @@ def test_bad_step_flags_are_one_line_and_exit_2(tiny, flags, capsys):
     assert f"--{next(iter(flags)).replace('_', '-')} " in err
 
 
+@pytest.mark.parametrize("stage", ["3", "-1", "two"])
+def test_a_stage_other_than_0_1_2_is_refused_before_anything_runs(stage, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--stage", stage])
+    assert e.value.code == 2 and "--stage: invalid" in capsys.readouterr().err
+
+
 def test_an_interrupted_run_resumes_exactly(tiny):
     # LoRA dropout draws random numbers every step, so this also checks that the RNG state is restored
     common = dict(lora=True, lora_r=4, lora_alpha=8, epochs=1)
