@@ -48,6 +48,17 @@ def positive(s):                         # an argparse type: "0" or "-1" is one 
     return int(s)
 
 
+def number(lo, hi=float("inf")):          # an argparse type: a float in [lo, hi], else one line and exit 2
+    def check(s):
+        try:
+            if lo <= float(s) <= hi:
+                return float(s)
+        except ValueError:
+            pass
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number in [{lo}, {hi}]")
+    return check
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("image")
@@ -57,8 +68,8 @@ def build_parser():
     p.add_argument("--model-base", default=None, help="the base LLM, for a stage-1 (projector only) dir")
     p.add_argument("--conv-mode", default=None, choices=sorted(CONV_TEMPLATES),
                    help="default: the template the checkpoint was trained with")
-    p.add_argument("--temperature", type=float, default=0.2, help="0 is greedy (default 0.2, as the official CLI)")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=number(0), default=0.2, help="0 is greedy (default 0.2, as the official CLI)")
+    p.add_argument("--top-p", type=number(0, 1), default=1.0)
     p.add_argument("--max-new-tokens", type=positive, default=512)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])

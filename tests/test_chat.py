@@ -12,6 +12,7 @@ import torch
 import shapes
 from conftest import ROOT
 from data import CONV_TEMPLATES, IMAGE_TOKEN, Tokenizer, load_image, process_image, tokenizer_image_token
+from chat import build_parser
 from model import Llava
 
 BUNDLED = os.path.join(ROOT, "models", "shapes-llava")
@@ -95,3 +96,12 @@ def test_bad_input_is_one_line_and_exit_2(case, bad_inputs, scene_png):
 def test_max_new_tokens_must_be_positive(value, scene_png):
     r = chat(scene_png, "-p", "hi", "--max-new-tokens", value)     # 0 or -1 used to print an empty answer, exit 0
     assert r.returncode == 2 and f"--max-new-tokens: '{value}' is not a positive integer" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("flag,value", [("--temperature", "-0.5"), ("--temperature", "nan"), ("--top-p", "1.5"),
+                                        ("--top-p", "high")])
+def test_sampling_flags_must_be_in_range(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:                       # refused by the parser, before the model loads
+        build_parser().parse_args(["x.png", flag, value])
+    assert e.value.code == 2 and f"{flag}: '{value}' is not a number in [0, " in capsys.readouterr().err
+    assert build_parser().parse_args(["x.png", "--temperature", "0", "--top-p", "1"]).top_p == 1.0
