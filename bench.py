@@ -26,6 +26,7 @@ import torch
 
 import llama
 import vit
+from chat import positive
 from checkpoint import llava_hf_key
 from model import IMAGE_TOKEN_INDEX, LlavaConfig, Llava
 
@@ -271,8 +272,8 @@ def build_parser():
     p.add_argument("--config", choices=list(CONFIGS), action="append", help="default: tiny and 100m")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--train-batch", type=int, default=4)
+    p.add_argument("--iters", type=positive, default=5)
+    p.add_argument("--train-batch", type=positive, default=4)
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true",
                    help="ours: torch.compile decode step (on CUDA a CUDA graph), prefill and ViT")

@@ -355,6 +355,12 @@ def modality_grouped_order(lengths, group, generator=None):
 
 
 # --------------------------------------------------------------------------------------------------------- CLI
+def count(s):                              # an argparse type: "-3" is one line and exit 2, not an empty split
+    if not s.isdigit():
+        raise argparse.ArgumentTypeError(f"{s!r} is not a whole number")
+    return int(s)
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -365,10 +371,10 @@ def build_parser():
     s = sub.add_parser("shapes", help="generate the Shapes world (images, JSON, eval, corpus, tokenizer)")
     s.add_argument("--out", default="data/shapes")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--n-pretrain", type=int, default=None)
-    s.add_argument("--n-instruct", type=int, default=None)
-    s.add_argument("--n-instruct-extra", type=int, default=None, help="stage-2 samples drawn after the eval split")
-    s.add_argument("--n-eval", type=int, default=None)
+    s.add_argument("--n-pretrain", type=count, default=None)
+    s.add_argument("--n-instruct", type=count, default=None)
+    s.add_argument("--n-instruct-extra", type=count, default=None, help="stage-2 samples drawn after the eval split")
+    s.add_argument("--n-eval", type=count, default=None)
     return p
 
 

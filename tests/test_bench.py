@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 
@@ -50,3 +51,11 @@ def test_bench_trains_ours_alone_with_lora(tmp_path):
         assert ours > 0 and hf is None
     projector, adapters = trainable_counts(lora_r=128)
     assert res["stage 2 trainable (M)"][0] == (projector + adapters) / 1e6   # the adapters learn, not the LLM
+
+
+def test_counts_below_one_are_refused_in_one_line(capsys):
+    import bench                                              # "--iters 0" was a StatisticsError traceback
+    for flag, value in [("--iters", "0"), ("--train-batch", "-1")]:
+        with pytest.raises(SystemExit) as e:
+            bench.build_parser().parse_args([flag, value])
+        assert e.value.code == 2 and f"{flag}: '{value}' is not a positive integer" in capsys.readouterr().err

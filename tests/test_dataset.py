@@ -158,3 +158,11 @@ def test_modality_grouped_order_never_mixes_within_a_group_and_is_seeded():
     assert sorted(order[9:]) == order[9:] and len(order[9:]) == 5
     assert all(len({lengths[i] > 0 for i in grp}) == 1 for grp in full)
     assert all([abs(lengths[i]) for i in grp] == sorted([abs(lengths[i]) for i in grp], reverse=True) for grp in full)
+
+
+@pytest.mark.parametrize("value", ["-3", "2.5", "many"])
+def test_shapes_counts_must_be_whole_numbers(value, capsys):
+    import data                                               # "-3" used to make an empty split without a word
+    with pytest.raises(SystemExit) as e:
+        data.build_parser().parse_args(["shapes", "--n-eval", value])
+    assert e.value.code == 2 and f"--n-eval: '{value}' is not a whole number" in capsys.readouterr().err
