@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -28,7 +29,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, load_components, load_snapshot, save_projector, save_snapshot
-from data import DataError, LlavaDataset, Tokenizer, collate, modality_grouped_order
+from data import CONV_TEMPLATES, DataError, LlavaDataset, Tokenizer, collate, modality_grouped_order
 from lora import apply_lora, merge_lora, save_adapter
 from model import IGNORE_INDEX, Llava
 
@@ -43,7 +44,7 @@ class Interrupted(Exception):
 
 @dataclass
 class TrainConfig:
-    stage: int = 1                                 # 0 (the tiny world's pretraining), 1 or 2
+    stage: int = 1
     data: str = "data/shapes/pretrain.json"       # LLaVA JSON: LCS-558K (stage 1), mix665k (stage 2)
     image_folder: str = "data/shapes"
     val_data: str = ""                             # a held-out LLaVA JSON; default: val_samples held out of `data`
@@ -86,9 +87,8 @@ class TrainConfig:
 PRESETS = {   # --preset NAME --stage N picks f"{NAME}-stage{N}"; every field can be overridden on the command line
     "shapes-stage1": TrainConfig(lr=2e-3, batch_size=64, micro_batch=32, epochs=1, val_samples=128, eval_every=50,
                                  num_workers=1, grad_clip=1.0),
-    # one epoch over 80,000 samples, as LLaVA's stage 2 sees each sample once: 93.1% (from another stage 1, 92.8%
-    # against 91.1% for 40,000 once and 90.1% for 8,000 five times), the projector at the LLM's lr, the lr held at
-    # its peak for 80% of the steps (FINDINGS.md); batches sorted by length, in micro-batches of 16, pad less: 1.2x
+    # one epoch over 80,000 samples, as LLaVA's stage 2 sees each sample once, the projector at the LLM's lr, the lr
+    # held at its peak for 80% of the steps (FINDINGS.md); batches sorted by length pad less: 1.2x the speed
     "shapes-stage2": TrainConfig(stage=2, data="data/shapes/instruct.json", out="models/shapes-llava",
                                  template="vicuna_v1", image_aspect_ratio="pad", lr=5e-4,
                                  batch_size=32, micro_batch=16, epochs=1, val_samples=128, eval_every=100,
@@ -101,6 +101,10 @@ PRESETS = {   # --preset NAME --stage N picks f"{NAME}-stage{N}"; every field ca
                                     eval_every=200, num_workers=4),
 }
 LORA = dict(lr=2e-4, projector_lr=2e-5)            # finetune_lora.sh
+CHOICES = dict(stage=(0, 1, 2), template=tuple(CONV_TEMPLATES), image_aspect_ratio=("pad", "square"))
+LIMITS = {(0, math.inf): ("lr", "projector_lr", "weight_decay", "grad_clip", "num_workers", "val_samples", "eval_every",
+                          "ckpt_every", "stop_after", "max_steps"),
+          (0, 1): ("warmup_ratio", "hold_ratio", "lora_dropout"), (1, math.inf): ("max_length", "lora_r", "lora_alpha")}
 
 
 # ------------------------------------------------------------------------------------------------- model setup
@@ -181,10 +185,9 @@ def validate(model, loader, device, ctx, world):
     model.eval()
     total = torch.zeros(2, device=device)          # (sum of token losses, tokens)
     for batch in loader:
-        batch = to_device(batch, device)
+        b = to_device(batch, device)
         with ctx:
-            out = model(batch["input_ids"], batch["images"], batch["labels"], batch["attention_mask"],
-                        return_logits=False)
+            out = model(b["input_ids"], b["images"], b["labels"], b["attention_mask"], return_logits=False)
         total += torch.stack([out.loss.float() * out.n_tokens, out.n_tokens.float()])
     if world > 1:
         dist.all_reduce(total)
@@ -237,6 +240,20 @@ def train(cfg: TrainConfig):
             signal.signal(s, h)
 
 
+def check(cfg, world):
+    """Settings that would fail late or train wrongly (a negative lr ascends) are refused in one line, up front."""
+    for (lo, hi), names in LIMITS.items():
+        if bad := [k for k in names if not lo <= getattr(cfg, k) <= hi]:
+            raise UsageError(f"--{bad[0].replace('_', '-')} {getattr(cfg, bad[0])} is outside [{lo}, {hi}]")
+    if not re.fullmatch(r"linear|identity|mlp\d+x_gelu", cfg.projector_type):        # what projector.py builds
+        raise UsageError(f"--projector-type {cfg.projector_type}: expected linear, identity or mlpNx_gelu")
+    if cfg.micro_batch < 1 or cfg.batch_size % (cfg.micro_batch * world) or cfg.batch_size < 1:
+        raise UsageError(f"--batch-size {cfg.batch_size} is not a positive multiple of --micro-batch "
+                         f"{cfg.micro_batch} x {world} processes")
+    if not (cfg.max_steps or cfg.epochs > 0):
+        raise UsageError(f"--epochs {cfg.epochs}, --max-steps {cfg.max_steps}: no step to run")
+
+
 def _train(cfg: TrainConfig):
     # DDP the nanoGPT way: torchrun sets RANK/WORLD_SIZE; each process runs this same code on its share
     ddp = "RANK" in os.environ
@@ -255,11 +272,7 @@ def _train(cfg: TrainConfig):
     amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
     ctx = torch.autocast("cuda", dtype=amp) if amp else contextlib.nullcontext()
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-    if cfg.micro_batch < 1 or cfg.batch_size % (cfg.micro_batch * world) or cfg.batch_size < 1:
-        raise UsageError(f"--batch-size {cfg.batch_size} is not a positive multiple of --micro-batch "
-                         f"{cfg.micro_batch} x {world} processes")
-    if cfg.max_steps < 0 or not (cfg.max_steps or cfg.epochs > 0):
-        raise UsageError(f"--epochs {cfg.epochs}, --max-steps {cfg.max_steps}: no step to run")
+    check(cfg, world)
     A = cfg.batch_size // (cfg.micro_batch * world)          # gradient accumulation steps
     name = os.path.basename(os.path.normpath(cfg.out))
     ckpt_path = os.path.join(cfg.ckpt_dir or os.path.join("checkpoints", name), "ckpt.pt")
@@ -275,11 +288,9 @@ def _train(cfg: TrainConfig):
     kw = dict(image_size=vc.image_size, aspect=cfg.image_aspect_ratio, mean=vc.image_mean, std=vc.image_std)
     ds = LlavaDataset(cfg.data, tok, cfg.image_folder, cfg.template, **kw)
     perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    if cfg.val_data:
-        val_ds, val_idx, train_idx = LlavaDataset(cfg.val_data, tok, cfg.image_folder, cfg.template, **kw), None, perm
-        val_idx = list(range(len(val_ds)))
-    else:                                       # hold a fixed random subset of the training file out
-        val_ds, val_idx, train_idx = ds, perm[:cfg.val_samples], perm[cfg.val_samples:]
+    n_val = 0 if cfg.val_data else cfg.val_samples   # without a validation file: a fixed random subset held out
+    val_ds = LlavaDataset(cfg.val_data, tok, cfg.image_folder, cfg.template, **kw) if cfg.val_data else ds
+    val_idx, train_idx = (list(range(len(val_ds))) if cfg.val_data else perm[:n_val]), perm[n_val:]
     coll = lambda b: collate(b, tok.pad_id, cfg.max_length)
     mine = val_idx[rank::world]
     val_loader = torch.utils.data.DataLoader(val_ds, batch_sampler=[mine[i:i + cfg.micro_batch] for i in range(
@@ -405,7 +416,7 @@ def parse_args(argv=None):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
             p.add_argument(flag, type={"int": int, "float": float, "str": str}.get(str(f.type), f.type), default=None,
-                           choices=(0, 1, 2) if f.name == "stage" else None)
+                           choices=CHOICES.get(f.name))
     args = p.parse_args(argv)
     stage = args.stage if args.stage is not None else 1
     key = f"{args.preset}-stage{max(1, min(stage, 2))}"   # stage 0 writes where stage 1 reads

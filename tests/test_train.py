@@ -252,19 +252,22 @@ def test_loss_falls_on_shapes(tiny):
 
 
 @pytest.mark.parametrize("flags", [dict(micro_batch=0), dict(batch_size=0), dict(batch_size=6, micro_batch=4),
-                                   dict(epochs=0), dict(max_steps=-1)])
-def test_bad_step_flags_are_one_line_and_exit_2(tiny, flags, capsys):
+                                   dict(epochs=0), dict(max_steps=-1), dict(lr=-1e-3), dict(warmup_ratio=2.0),
+                                   dict(hold_ratio=1.5), dict(max_length=0), dict(num_workers=-1), dict(grad_clip=-1.0),
+                                   dict(lora_dropout=1.5), dict(projector_type="mlp_gelu")])
+def test_bad_flags_are_one_line_and_exit_2(tiny, flags, capsys):
     assert train.main(args(tiny, 2, "bad", **{"max_steps": 0, "epochs": 1} | flags)) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --") and err.count("\n") == 1, err            # before the model is loaded
     assert f"--{next(iter(flags)).replace('_', '-')} " in err
 
 
-@pytest.mark.parametrize("stage", ["3", "-1", "two"])
-def test_a_stage_other_than_0_1_2_is_refused_before_anything_runs(stage, capsys):
-    with pytest.raises(SystemExit) as e:
-        train.parse_args(["--stage", stage])
-    assert e.value.code == 2 and "--stage: invalid" in capsys.readouterr().err
+@pytest.mark.parametrize("flag,value", [("--stage", "3"), ("--stage", "-1"), ("--stage", "two"),
+                                        ("--template", "vicuna"), ("--image-aspect-ratio", "anyres")])
+def test_a_value_outside_the_choices_is_refused_before_anything_runs(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:            # --stage 3 trained as neither stage, then overwrote the output
+        train.parse_args([flag, value])
+    assert e.value.code == 2 and f"{flag}: invalid" in capsys.readouterr().err
 
 
 def test_an_interrupted_run_resumes_exactly(tiny):
