@@ -26,7 +26,7 @@ import torch
 
 import llama
 import vit
-from chat import positive
+from chat import known_device, positive
 from checkpoint import llava_hf_key
 from model import IMAGE_TOKEN_INDEX, LlavaConfig, Llava
 
@@ -270,7 +270,7 @@ def bench_load(path):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", choices=list(CONFIGS), action="append", help="default: tiny and 100m")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=known_device, default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--iters", type=positive, default=5)
     p.add_argument("--train-batch", type=positive, default=4)

@@ -59,6 +59,17 @@ def number(lo, hi=float("inf")):          # an argparse type: a float in [lo, hi
     return check
 
 
+def known_device(s):                      # an argparse type: a device this machine lacks is one line and exit 2
+    try:
+        d = torch.device(s)
+    except RuntimeError:
+        d = None
+    if not (d and (d.type == "cpu" or d.type == "cuda" and (d.index or 0) < torch.cuda.device_count()
+                   or d.type == "mps" and torch.backends.mps.is_available())):
+        raise argparse.ArgumentTypeError(f"{s!r} is not a device this machine has")
+    return s
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("image")
@@ -71,7 +82,7 @@ def build_parser():
     p.add_argument("--temperature", type=number(0), default=0.2, help="0 is greedy (default 0.2, as the official CLI)")
     p.add_argument("--top-p", type=number(0, 1), default=1.0)
     p.add_argument("--max-new-tokens", type=positive, default=512)
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", type=known_device, default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true", help="torch.compile decode, prefill, ViT (on a GPU: CUDA graphs)")

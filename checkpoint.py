@@ -399,5 +399,9 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    for d in build_parser().parse_args().dirs:
+    dirs = build_parser().parse_args().dirs
+    if missing := [d for d in dirs if not os.path.isdir(d)]:
+        print(f"error: {missing[0]}: no such directory", file=sys.stderr)    # before any directory is changed
+        sys.exit(2)
+    for d in dirs:
         to_half(d)

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from chat import load_model, positive
+from chat import known_device, load_model, positive
 from checkpoint import CheckpointError
 from data import CONV_TEMPLATES, IMAGE_TOKEN, DataError, load_image, process_image, tokenizer_image_token
 
@@ -98,7 +98,7 @@ def build_parser():
     p.add_argument("--max-new-tokens", type=positive, default=128)
     p.add_argument("--blind", action="store_true", help="a blank image instead of the real one")
     p.add_argument("--compile", action="store_true", help="torch.compile decode, prefill, ViT (on a GPU: CUDA graphs)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", type=known_device, default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     return p
 

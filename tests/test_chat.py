@@ -105,3 +105,11 @@ def test_sampling_flags_must_be_in_range(flag, value, capsys):
         build_parser().parse_args(["x.png", flag, value])
     assert e.value.code == 2 and f"{flag}: '{value}' is not a number in [0, " in capsys.readouterr().err
     assert build_parser().parse_args(["x.png", "--temperature", "0", "--top-p", "1"]).top_p == 1.0
+
+
+@pytest.mark.parametrize("value", ["gpu", "cuda:99"])
+def test_a_device_this_machine_lacks_is_refused(value, capsys):
+    with pytest.raises(SystemExit) as e:                       # was an AssertionError traceback from torch
+        build_parser().parse_args(["x.png", "--device", value])
+    assert e.value.code == 2 and f"--device: '{value}' is not a device this machine has" in capsys.readouterr().err
+    assert build_parser().parse_args(["x.png", "--device", "cpu"]).device == "cpu"

@@ -2,11 +2,14 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from checkpoint import CheckpointError, read_safetensors, write_safetensors
+from conftest import ROOT
 from hf_fixtures import (hf_llava, write_clip, write_liuhaotian, write_llama, write_llava_hf, write_stage1)
 from model import IMAGE_TOKEN_INDEX as IMG, Llava
 
@@ -216,3 +219,11 @@ def test_to_half_keeps_the_model(tmp_path):
     ids, img = torch.tensor([[1, 5, -200, 7]]), torch.randn(1, 3, 72, 72)
     with torch.no_grad():
         torch.testing.assert_close(h(ids, img), m(ids, img), rtol=0, atol=2e-3)
+
+
+def test_half_refuses_a_missing_directory_before_changing_any(tmp_path):
+    write_safetensors({"w": torch.ones(2)}, str(tmp_path / "model.safetensors"))
+    r = subprocess.run([sys.executable, "checkpoint.py", "half", str(tmp_path), str(tmp_path / "nope")], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr == f"error: {tmp_path / 'nope'}: no such directory\n", r.stderr
+    assert dict(read_safetensors(str(tmp_path / "model.safetensors")))["w"].dtype == torch.float32   # untouched
