@@ -62,10 +62,10 @@ def number(lo, hi=float("inf")):          # an argparse type: a float in [lo, hi
 def known_device(s):                      # an argparse type: a device this machine lacks is one line and exit 2
     try:
         d = torch.device(s)
-    except RuntimeError:
+    except RuntimeError:                  # not a device name at all
         d = None
-    if not (d and (d.type == "cpu" or d.type == "cuda" and (d.index or 0) < torch.cuda.device_count()
-                   or d.type == "mps" and torch.backends.mps.is_available())):
+    if d is None or not {"cpu": True, "cuda": (d.index or 0) < torch.cuda.device_count(),
+                         "mps": torch.backends.mps.is_available()}.get(d.type):
         raise argparse.ArgumentTypeError(f"{s!r} is not a device this machine has")
     return s
 

@@ -288,9 +288,11 @@ def _train(cfg: TrainConfig):
     kw = dict(image_size=vc.image_size, aspect=cfg.image_aspect_ratio, mean=vc.image_mean, std=vc.image_std)
     ds = LlavaDataset(cfg.data, tok, cfg.image_folder, cfg.template, **kw)
     perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    n_val = 0 if cfg.val_data else cfg.val_samples   # without a validation file: a fixed random subset held out
-    val_ds = LlavaDataset(cfg.val_data, tok, cfg.image_folder, cfg.template, **kw) if cfg.val_data else ds
-    val_idx, train_idx = (list(range(len(val_ds))) if cfg.val_data else perm[:n_val]), perm[n_val:]
+    if cfg.val_data:
+        val_ds = LlavaDataset(cfg.val_data, tok, cfg.image_folder, cfg.template, **kw)
+        val_idx, train_idx = list(range(len(val_ds))), perm
+    else:                                       # hold a fixed random subset of the training file out
+        val_ds, val_idx, train_idx = ds, perm[:cfg.val_samples], perm[cfg.val_samples:]
     coll = lambda b: collate(b, tok.pad_id, cfg.max_length)
     mine = val_idx[rank::world]
     val_loader = torch.utils.data.DataLoader(val_ds, batch_sampler=[mine[i:i + cfg.micro_batch] for i in range(

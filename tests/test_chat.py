@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import shapes
+from chat import build_parser
 from conftest import ROOT
 from data import CONV_TEMPLATES, IMAGE_TOKEN, Tokenizer, load_image, process_image, tokenizer_image_token
-from chat import build_parser
 from model import Llava
 
 BUNDLED = os.path.join(ROOT, "models", "shapes-llava")
