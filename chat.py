@@ -138,6 +138,10 @@ def main(argv=None):
             if last != tok.eos_id:
                 ids = [last] + ids
         room = max_len - cache.length - len(ids) - (model.cfg.image_tokens if images is not None else 0)
+        if room < 1 and args.prompt is not None:   # one answer asked for, none possible: bad input, not a chat's end
+            print(f"error: the prompt is {max_len - room} positions long (the image's included); the model's "
+                  f"context is {max_len}", file=sys.stderr)
+            return 2
         if room < 1:
             print(f"\n[the conversation has filled the {max_len}-token context; start a new chat]", file=sys.stderr)
             break

@@ -113,3 +113,10 @@ def test_a_device_this_machine_lacks_is_refused(value, capsys):
         build_parser().parse_args(["x.png", "--device", value])
     assert e.value.code == 2 and f"--device: '{value}' is not a device this machine has" in capsys.readouterr().err
     assert build_parser().parse_args(["x.png", "--device", "cpu"]).device == "cpu"
+
+
+def test_a_one_shot_prompt_longer_than_the_context_is_an_error(scene_png):
+    r = chat(scene_png, "-p", "circle " * 600)                  # used to print nothing and exit 0
+    assert r.returncode == 2 and r.stdout == "", r.stdout
+    assert r.stderr.startswith("error: the prompt is ") and r.stderr.endswith("the model's context is 512\n"), r.stderr
+    assert r.stderr.count("\n") == 1
