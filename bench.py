@@ -26,8 +26,9 @@ import torch
 
 import llama
 import vit
-from chat import known_device, positive
+from chat import known_device
 from checkpoint import llava_hf_key
+from data import whole
 from model import IMAGE_TOKEN_INDEX, LlavaConfig, Llava
 
 CONFIGS = {  # name -> (our config or a checkpoint dir, prompt text tokens, new tokens, training text tokens)
@@ -272,8 +273,8 @@ def build_parser():
     p.add_argument("--config", choices=list(CONFIGS), action="append", help="default: tiny and 100m")
     p.add_argument("--device", type=known_device, default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--iters", type=positive, default=5)
-    p.add_argument("--train-batch", type=positive, default=4)
+    p.add_argument("--iters", type=whole(1), default=5)
+    p.add_argument("--train-batch", type=whole(1), default=4)
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true",
                    help="ours: torch.compile decode step (on CUDA a CUDA graph), prefill and ViT")

@@ -15,7 +15,8 @@ import sys
 import torch
 
 from checkpoint import CheckpointError
-from data import CONV_TEMPLATES, IMAGE_TOKEN, DataError, Tokenizer, load_image, process_image, tokenizer_image_token
+from data import (CONV_TEMPLATES, IMAGE_TOKEN, DataError, Tokenizer, load_image, process_image, tokenizer_image_token,
+                  whole)
 from model import Llava
 
 
@@ -40,12 +41,6 @@ def stream_answer(model, tok, ids, images, cache, args, stop_id, max_new_tokens,
         signal.signal(signal.SIGINT, old)
     print(flush=True)
     return new
-
-
-def positive(s):                         # an argparse type: "0" or "-1" is one line and exit 2, not a silent no-op
-    if not s.isdigit() or int(s) < 1:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a positive integer")
-    return int(s)
 
 
 def number(lo, hi=float("inf")):          # an argparse type: a float in [lo, hi], else one line and exit 2
@@ -81,7 +76,7 @@ def build_parser():
                    help="default: the template the checkpoint was trained with")
     p.add_argument("--temperature", type=number(0), default=0.2, help="0 is greedy (default 0.2, as the official CLI)")
     p.add_argument("--top-p", type=number(0, 1), default=1.0)
-    p.add_argument("--max-new-tokens", type=positive, default=512)
+    p.add_argument("--max-new-tokens", type=whole(1), default=512)
     p.add_argument("--device", type=known_device, default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--seed", type=int, default=0)

@@ -355,10 +355,12 @@ def modality_grouped_order(lengths, group, generator=None):
 
 
 # --------------------------------------------------------------------------------------------------------- CLI
-def count(s):                              # an argparse type: "-3" is one line and exit 2, not an empty split
-    if not s.isdigit():
-        raise argparse.ArgumentTypeError(f"{s!r} is not a whole number")
-    return int(s)
+def whole(lo):                             # an argparse type: "-3" or "2.5" is one line and exit 2, not a silent no-op
+    def check(s):
+        if not s.isdigit() or int(s) < lo:
+            raise argparse.ArgumentTypeError(f"{s!r} is not a whole number >= {lo}")
+        return int(s)
+    return check
 
 
 def build_parser():
@@ -371,10 +373,10 @@ def build_parser():
     s = sub.add_parser("shapes", help="generate the Shapes world (images, JSON, eval, corpus, tokenizer)")
     s.add_argument("--out", default="data/shapes")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--n-pretrain", type=count, default=None)
-    s.add_argument("--n-instruct", type=count, default=None)
-    s.add_argument("--n-instruct-extra", type=count, default=None, help="stage-2 samples drawn after the eval split")
-    s.add_argument("--n-eval", type=count, default=None)
+    s.add_argument("--n-pretrain", type=whole(0), default=None)
+    s.add_argument("--n-instruct", type=whole(0), default=None)
+    s.add_argument("--n-instruct-extra", type=whole(0), default=None, help="stage-2 samples drawn after the eval split")
+    s.add_argument("--n-eval", type=whole(0), default=None)
     return p
 
 

@@ -22,9 +22,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from chat import known_device, load_model, positive
+from chat import known_device, load_model
 from checkpoint import CheckpointError
-from data import CONV_TEMPLATES, IMAGE_TOKEN, DataError, load_image, process_image, tokenizer_image_token
+from data import CONV_TEMPLATES, IMAGE_TOKEN, DataError, load_image, process_image, tokenizer_image_token, whole
 
 
 def normalize(s):                        # exact match up to case, surrounding space and a final period
@@ -94,8 +94,8 @@ def build_parser():
     p.add_argument("--answers", default=None, help="default: output/<model name>/answers[-blind].jsonl")
     p.add_argument("--conv-mode", default=None, choices=sorted(CONV_TEMPLATES),
                    help="default: the template the checkpoint was trained with")
-    p.add_argument("--batch-size", type=positive, default=32)
-    p.add_argument("--max-new-tokens", type=positive, default=128)
+    p.add_argument("--batch-size", type=whole(1), default=32)
+    p.add_argument("--max-new-tokens", type=whole(1), default=128)
     p.add_argument("--blind", action="store_true", help="a blank image instead of the real one")
     p.add_argument("--compile", action="store_true", help="torch.compile decode, prefill, ViT (on a GPU: CUDA graphs)")
     p.add_argument("--device", type=known_device, default=None)

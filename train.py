@@ -18,7 +18,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import signal
 import sys
 import time
@@ -32,6 +31,7 @@ from checkpoint import CheckpointError, load_components, load_snapshot, save_pro
 from data import CONV_TEMPLATES, DataError, LlavaDataset, Tokenizer, collate, modality_grouped_order
 from lora import apply_lora, merge_lora, save_adapter
 from model import IGNORE_INDEX, Llava
+from projector import build_projector
 
 
 class UsageError(Exception):
@@ -245,8 +245,10 @@ def check(cfg, world):
     for (lo, hi), names in LIMITS.items():
         if bad := [k for k in names if not lo <= getattr(cfg, k) <= hi]:
             raise UsageError(f"--{bad[0].replace('_', '-')} {getattr(cfg, bad[0])} is outside [{lo}, {hi}]")
-    if not re.fullmatch(r"linear|identity|mlp\d+x_gelu", cfg.projector_type):        # what projector.py builds
-        raise UsageError(f"--projector-type {cfg.projector_type}: expected linear, identity or mlpNx_gelu")
+    try:                                           # projector.py knows the types it builds
+        build_projector(cfg.projector_type, 1, 1)
+    except ValueError as e:
+        raise UsageError(f"--projector-type {cfg.projector_type}: {e}") from None
     if cfg.micro_batch < 1 or cfg.batch_size % (cfg.micro_batch * world) or cfg.batch_size < 1:
         raise UsageError(f"--batch-size {cfg.batch_size} is not a positive multiple of --micro-batch "
                          f"{cfg.micro_batch} x {world} processes")
@@ -421,7 +423,7 @@ def parse_args(argv=None):
                            choices=CHOICES.get(f.name))
     args = p.parse_args(argv)
     stage = args.stage if args.stage is not None else 1
-    key = f"{args.preset}-stage{max(1, min(stage, 2))}"   # stage 0 writes where stage 1 reads
+    key = f"{args.preset}-stage{max(1, stage)}"   # stage 0 writes where stage 1 reads
     if key not in PRESETS:
         p.error(f"no preset {args.preset!r}: choose shapes or llava-1.5")
     over = {k: v for k, v in vars(args).items() if k in {f.name for f in fields(TrainConfig)} and v is not None}

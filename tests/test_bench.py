@@ -58,4 +58,4 @@ def test_counts_below_one_are_refused_in_one_line(capsys):
     for flag, value in [("--iters", "0"), ("--train-batch", "-1")]:
         with pytest.raises(SystemExit) as e:
             bench.build_parser().parse_args([flag, value])
-        assert e.value.code == 2 and f"{flag}: '{value}' is not a positive integer" in capsys.readouterr().err
+        assert e.value.code == 2 and f"{flag}: '{value}' is not a whole number >= 1" in capsys.readouterr().err

@@ -95,7 +95,7 @@ def test_bad_input_is_one_line_and_exit_2(case, bad_inputs, scene_png):
 @pytest.mark.parametrize("value", ["0", "-1", "x"])
 def test_max_new_tokens_must_be_positive(value, scene_png):
     r = chat(scene_png, "-p", "hi", "--max-new-tokens", value)     # 0 or -1 used to print an empty answer, exit 0
-    assert r.returncode == 2 and f"--max-new-tokens: '{value}' is not a positive integer" in r.stderr, r.stderr
+    assert r.returncode == 2 and f"--max-new-tokens: '{value}' is not a whole number >= 1" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("flag,value", [("--temperature", "-0.5"), ("--temperature", "nan"), ("--top-p", "1.5"),

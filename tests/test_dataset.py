@@ -165,4 +165,4 @@ def test_shapes_counts_must_be_whole_numbers(value, capsys):
     import data                                               # "-3" used to make an empty split without a word
     with pytest.raises(SystemExit) as e:
         data.build_parser().parse_args(["shapes", "--n-eval", value])
-    assert e.value.code == 2 and f"--n-eval: '{value}' is not a whole number" in capsys.readouterr().err
+    assert e.value.code == 2 and f"--n-eval: '{value}' is not a whole number >= 0" in capsys.readouterr().err
