@@ -25,21 +25,33 @@ from tqdm import tqdm
 from chat import known_device, load_model
 from checkpoint import CheckpointError
 from data import CONV_TEMPLATES, IMAGE_TOKEN, DataError, load_image, process_image, tokenizer_image_token, whole
+from model import IMAGE_TOKEN_INDEX
 
 
 def normalize(s):                        # exact match up to case, surrounding space and a final period
     return s.strip().lower().rstrip(".").strip()
 
 
-def load_questions(path):
+def load_questions(path, image_folder=None):
+    """The questions of a jsonl file, each checked; with image_folder, every image must exist (a missing one
+    fails now, not an hour into the run)."""
     try:
         with open(path) as f:
-            qs = [json.loads(line) for line in f if line.strip()]
+            lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: cannot read the questions ({e})") from None
-    bad = [i for i, q in enumerate(qs) if not isinstance(q, dict) or not {"question_id", "text"} <= set(q)]
-    if bad:
-        raise DataError(f"{path}: line {bad[0] + 1} lacks question_id or text")
+    qs = []
+    for n, line in lines:
+        try:
+            q = json.loads(line)
+        except ValueError as e:
+            raise DataError(f"{path}: line {n} is not JSON ({e})") from None
+        if not (isinstance(q, dict) and "question_id" in q and isinstance(q.get("text"), str)
+                and isinstance(q.get("image", ""), str)):
+            raise DataError(f"{path}: line {n} needs a question_id, a text string and, if it has one, an image path")
+        if image_folder is not None and "image" in q and not os.path.isfile(os.path.join(image_folder, q["image"])):
+            raise DataError(f"{path}: line {n}: {os.path.join(image_folder, q['image'])}: no such file")
+        qs.append(q)
     return qs
 
 
@@ -51,6 +63,11 @@ def answer(model, tok, questions, image_folder, template, batch_size=32, max_new
     fill = Image.new("RGB", (vc.image_size, vc.image_size), tuple(int(m * 255) for m in vc.image_mean))
     prompts = [t.prompt([IMAGE_TOKEN + "\n" + q["text"] if "image" in q else q["text"], None]) for q in questions]
     ids = [tokenizer_image_token(p, tok) for p in prompts]
+    max_len, N = model.cfg.text.max_position_embeddings, model.cfg.image_tokens
+    for q, x in zip(questions, ids):       # past the context the model answers from positions it never saw
+        if (n := len(x) + (N - 1) * x.count(IMAGE_TOKEN_INDEX)) >= max_len:
+            raise DataError(f"question_id {q['question_id']}: the prompt is {n} positions long (the image's "
+                            f"included); the model's context is {max_len}")
     order = sorted(range(len(questions)), key=lambda i: len(ids[i]))
     out = [None] * len(questions)
     device = next(model.parameters()).device
@@ -109,7 +126,7 @@ def main(argv=None):
         if args.questions == "data/shapes/eval.jsonl" and not os.path.exists(args.questions):
             import shapes
             shapes.generate("data/shapes")
-        questions = load_questions(args.questions)
+        questions = load_questions(args.questions, None if args.blind else args.image_folder)
         model, tok = load_model(args)
         template = args.conv_mode or model.cfg.conv_template
         prompts, answers = answer(model, tok, questions, args.image_folder, template, args.batch_size,
