@@ -270,7 +270,7 @@ def scan_json(path, template="vicuna_v1", image_folder=None):
             problems += [f"{path}: sample {len(spans)} (id {s.get('id') if isinstance(s, dict) else None}): {p}"
                          for p in found]
         spans.append((i, end))
-        lengths.append(max(n, 1) if "image" in s else -max(n, 1))
+        lengths.append(max(n, 1) if isinstance(s, dict) and "image" in s else -max(n, 1))
         i = ws.match(text, end).end()
         if text[i:i + 1] == ",":
             i = ws.match(text, i + 1).end()
@@ -389,6 +389,10 @@ def main(argv=None):
                 print(line)
             print(f"{args.json}: {len(spans)} samples, {len(problems)} problem(s)", file=sys.stderr)
             return 1 if problems else 0
+        try:                                       # an unwritable --out fails here, in one line
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as e:
+            raise DataError(f"{args.out}: cannot create the directory ({e.strerror})") from None
         import shapes
         shapes.generate(args.out, seed=args.seed, **{k: v for k, v in vars(args).items()
                                                      if k.startswith("n_") and v is not None})

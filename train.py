@@ -254,6 +254,17 @@ def check(cfg, world):
                          f"{cfg.micro_batch} x {world} processes")
     if not (cfg.max_steps or cfg.epochs > 0):
         raise UsageError(f"--epochs {cfg.epochs}, --max-steps {cfg.max_steps}: no step to run")
+    for d in (cfg.out, *run_dirs(cfg)[1:]):       # an unwritable output fails now, not after the training
+        with contextlib.suppress(OSError):
+            os.makedirs(d, exist_ok=True)
+        if not (os.path.isdir(d) and os.access(d, os.W_OK)):
+            raise UsageError(f"{d}: not a directory this process can write to")
+
+
+def run_dirs(cfg):
+    """The run's name and where it writes snapshots and records (default checkpoints/<name>, output/<name>)."""
+    name = os.path.basename(os.path.normpath(cfg.out))
+    return name, cfg.ckpt_dir or os.path.join("checkpoints", name), cfg.log_dir or os.path.join("output", name)
 
 
 def _train(cfg: TrainConfig):
@@ -276,9 +287,8 @@ def _train(cfg: TrainConfig):
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     check(cfg, world)
     A = cfg.batch_size // (cfg.micro_batch * world)          # gradient accumulation steps
-    name = os.path.basename(os.path.normpath(cfg.out))
-    ckpt_path = os.path.join(cfg.ckpt_dir or os.path.join("checkpoints", name), "ckpt.pt")
-    log_dir = cfg.log_dir or os.path.join("output", name)
+    name, ckpt_dir, log_dir = run_dirs(cfg)
+    ckpt_path = os.path.join(ckpt_dir, "ckpt.pt")
     if cfg.resume and not os.path.exists(ckpt_path):
         raise CheckpointError(f"{ckpt_path}: no checkpoint to resume from")
 

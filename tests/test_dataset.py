@@ -119,19 +119,21 @@ def test_check_reports_every_problem_with_index_and_id(world, tmp_path):
            {"id": "repeat", "conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]},
            dict(img, id="missing-file", image="images/nope.png"),
            {"id": "no-token", "image": img["image"], "conversations": [{"from": "human", "value": "hi"},
-                                                                         {"from": "gpt", "value": "yo"}]}]
+                                                                         {"from": "gpt", "value": "yo"}]},
+           5]                                                   # not a sample at all: was a TypeError traceback
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     r = subprocess.run([sys.executable, "data.py", "check", str(tmp_path / "bad.json"), "--image-folder", world],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 1
     lines = r.stdout.splitlines()
-    assert len(lines) == 4 and "Traceback" not in r.stderr
+    assert len(lines) == 5 and "Traceback" not in r.stderr
     assert "sample 1 (id no-conv): no 'conversations' list" in lines[0]
     assert "sample 2 (id repeat): roles do not alternate human, gpt (human, human)" in lines[1]
     assert "sample 3 (id missing-file): image file" in lines[2] and "nope.png not found" in lines[2]
     assert "sample 4 (id no-token): has an image but 0 turns mention <image>" in lines[3]
-    assert "5 samples, 4 problem(s)" in r.stderr
-    with pytest.raises(DataError, match="4 problem"):
+    assert "sample 5 (id None): not a JSON object" in lines[4]
+    assert "6 samples, 5 problem(s)" in r.stderr
+    with pytest.raises(DataError, match="5 problem"):
         LlavaDataset(str(tmp_path / "bad.json"), Tokenizer(os.path.join(world, "tokenizer.model")), world)
 
 
@@ -166,3 +168,11 @@ def test_shapes_counts_must_be_whole_numbers(value, capsys):
     with pytest.raises(SystemExit) as e:
         data.build_parser().parse_args(["shapes", "--n-eval", value])
     assert e.value.code == 2 and f"--n-eval: '{value}' is not a whole number >= 0" in capsys.readouterr().err
+
+
+def test_shapes_out_that_cannot_be_created_is_one_line(tmp_path, capsys):
+    import data                                               # was a NotADirectoryError traceback
+    (tmp_path / "a-file").write_text("not a directory")
+    out = tmp_path / "a-file" / "shapes"
+    assert data.main(["shapes", "--out", str(out), "--n-eval", "1"]) == 2
+    assert capsys.readouterr().err == f"error: {out}: cannot create the directory (Not a directory)\n"

@@ -262,6 +262,16 @@ def test_bad_flags_are_one_line_and_exit_2(tiny, flags, capsys):
     assert f"--{next(iter(flags)).replace('_', '-')} " in err
 
 
+@pytest.mark.parametrize("where", ["out", "ckpt_dir", "log_dir"])
+def test_an_output_that_cannot_be_written_is_refused_before_training(tiny, where, capsys):
+    (tiny / "a-file").write_text("not a directory")
+    bad = tiny / "a-file" / "run"                  # under a file: no process can create it, not even root
+    assert train.main(args(tiny, 2, "unwritable", max_steps=1, **{where: bad})) == 2   # it used to train, then die
+    err = capsys.readouterr().err                                                        # on writing the result
+    assert err == f"error: {bad}: not a directory this process can write to\n"
+    assert not (tiny / "log" / "unwritable" / "metrics.json").exists()                 # no step was run
+
+
 @pytest.mark.parametrize("flag,value", [("--stage", "3"), ("--stage", "-1"), ("--stage", "two"),
                                         ("--template", "vicuna"), ("--image-aspect-ratio", "anyres")])
 def test_a_value_outside_the_choices_is_refused_before_anything_runs(flag, value, capsys):
