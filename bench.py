@@ -256,16 +256,21 @@ def bench_training(ours, hf, image_token, args, device, dtype):
 
 def bench_load(path):
     """Peak RSS of from_pretrained in a fresh process, against the model's bf16 size."""
-    code = ("import resource, torch; from model import Llava; "
-            f"m = Llava.from_pretrained({path!r}, dtype=torch.bfloat16, device='cpu'); "
+    code = ("import resource, sys, torch; from model import Llava; from checkpoint import CheckpointError\n"
+            f"try: m = Llava.from_pretrained({path!r}, dtype=torch.bfloat16, device='cpu')\n"
+            "except CheckpointError as e: sys.exit(f'error: {e}')\n"
             "n = sum(p.numel() for p in m.parameters()); "
             "print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     t = time.time()
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout.split()
+    r = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,   # its stderr is ours
+                       cwd=os.path.dirname(os.path.abspath(__file__)))
+    if r.returncode:
+        return 2
+    out = r.stdout.split()
     n, rss = int(out[-2]), int(out[-1]) * 1024
     print(f"{path}: {n / 1e9:.2f} B parameters = {2 * n / 1e9:.2f} GB in bf16; load {time.time() - t:.0f} s, "
           f"peak RSS {rss / 1e9:.2f} GB = {rss / (2 * n):.2f}x")
+    return 0
 
 
 def build_parser():
@@ -290,6 +295,12 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.load:
         return bench_load(args.load)
+    out_dir = os.path.dirname(args.out) or "."
+    with contextlib.suppress(OSError):          # an unwritable --out fails now, not after the whole benchmark
+        os.makedirs(out_dir, exist_ok=True)
+    if not (os.path.isdir(out_dir) and os.access(out_dir, os.W_OK)):
+        print(f"error: {out_dir}: not a directory this process can write to", file=sys.stderr)
+        return 2
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     from transformers.utils import logging
     logging.set_verbosity_error()
@@ -315,7 +326,6 @@ def main(argv=None):
             ratio = f"{a / b:.2f}x" if a is not None and b else ""
             print(f"{k:34} {fa:>10} {fb:>13} {ratio:>8}")
         del ours, hf
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(machine=machine, torch=torch.__version__, date=time.strftime("%Y-%m-%d"), argv=sys.argv[1:],
                        results=results), f, indent=1)

@@ -59,3 +59,13 @@ def test_counts_below_one_are_refused_in_one_line(capsys):
         with pytest.raises(SystemExit) as e:
             bench.build_parser().parse_args([flag, value])
         assert e.value.code == 2 and f"{flag}: '{value}' is not a whole number >= 1" in capsys.readouterr().err
+
+
+def test_a_bad_load_path_or_out_is_one_line_and_exit_2(tmp_path):
+    (tmp_path / "a-file").write_text("not a directory")
+    for argv, said in [(["--load", str(tmp_path / "nope")], f"{tmp_path / 'nope'}: not a checkpoint directory"),
+                       (["--load", str(tmp_path)], f"{tmp_path / 'config.json'}: missing"),       # were tracebacks
+                       (["--out", str(tmp_path / "a-file" / "b.json")],                          # after the whole run
+                        f"{tmp_path / 'a-file'}: not a directory this process can write to")]:
+        r = subprocess.run([sys.executable, "bench.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and r.stderr == f"error: {said}\n" and r.stdout == "", (argv, r.stderr)
