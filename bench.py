@@ -28,7 +28,7 @@ import llama
 import vit
 from chat import known_device
 from checkpoint import llava_hf_key
-from data import whole
+from data import DataError, whole, writable_dir
 from model import IMAGE_TOKEN_INDEX, LlavaConfig, Llava
 
 CONFIGS = {  # name -> (our config or a checkpoint dir, prompt text tokens, new tokens, training text tokens)
@@ -295,11 +295,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.load:
         return bench_load(args.load)
-    out_dir = os.path.dirname(args.out) or "."
-    with contextlib.suppress(OSError):          # an unwritable --out fails now, not after the whole benchmark
-        os.makedirs(out_dir, exist_ok=True)
-    if not (os.path.isdir(out_dir) and os.access(out_dir, os.W_OK)):
-        print(f"error: {out_dir}: not a directory this process can write to", file=sys.stderr)
+    try:                                        # an unwritable --out fails now, not after the whole benchmark
+        writable_dir(os.path.dirname(args.out) or ".")
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     from transformers.utils import logging

@@ -12,6 +12,7 @@ collator), llava/train/llava_trainer.py (group_by_modality_length). Facts: refer
     python data.py shapes --out data/shapes                                  # the synthetic Shapes world
 """
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -355,6 +356,15 @@ def modality_grouped_order(lengths, group, generator=None):
 
 
 # --------------------------------------------------------------------------------------------------------- CLI
+def writable_dir(path):
+    """Make an output directory if needed, or refuse it in one line: checked before the work that fills it."""
+    with contextlib.suppress(OSError):
+        os.makedirs(path, exist_ok=True)
+    if not (os.path.isdir(path) and os.access(path, os.W_OK)):
+        raise DataError(f"{path}: not a directory this process can write to")
+    return path
+
+
 def whole(lo):                             # an argparse type: "-3" or "2.5" is one line and exit 2, not a silent no-op
     def check(s):
         if not s.isdigit() or int(s) < lo:
@@ -389,12 +399,8 @@ def main(argv=None):
                 print(line)
             print(f"{args.json}: {len(spans)} samples, {len(problems)} problem(s)", file=sys.stderr)
             return 1 if problems else 0
-        try:                                       # an unwritable --out fails here, in one line
-            os.makedirs(args.out, exist_ok=True)
-        except OSError as e:
-            raise DataError(f"{args.out}: cannot create the directory ({e.strerror})") from None
         import shapes
-        shapes.generate(args.out, seed=args.seed, **{k: v for k, v in vars(args).items()
+        shapes.generate(writable_dir(args.out), seed=args.seed, **{k: v for k, v in vars(args).items()
                                                      if k.startswith("n_") and v is not None})
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

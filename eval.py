@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from chat import known_device, load_model
 from checkpoint import CheckpointError
-from data import CONV_TEMPLATES, IMAGE_TOKEN, DataError, load_image, process_image, tokenizer_image_token, whole
+from data import (CONV_TEMPLATES, IMAGE_TOKEN, DataError, load_image, process_image, tokenizer_image_token, whole,
+                  writable_dir)
 from model import IMAGE_TOKEN_INDEX
 
 
@@ -127,6 +128,9 @@ def main(argv=None):
             import shapes
             shapes.generate("data/shapes")
         questions = load_questions(args.questions, None if args.blind else args.image_folder)
+        name = os.path.basename(os.path.normpath(args.model))
+        path = args.answers or os.path.join("output", name, f"answers{'-blind' if args.blind else ''}.jsonl")
+        writable_dir(os.path.dirname(path) or ".")   # an unwritable --answers fails now, not after the answers
         model, tok = load_model(args)
         template = args.conv_mode or model.cfg.conv_template
         prompts, answers = answer(model, tok, questions, args.image_folder, template, args.batch_size,
@@ -134,9 +138,6 @@ def main(argv=None):
     except (DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    name = os.path.basename(os.path.normpath(args.model))
-    path = args.answers or os.path.join("output", name, f"answers{'-blind' if args.blind else ''}.jsonl")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         for q, pr, a in zip(questions, prompts, answers):
             aid = hashlib.sha1(f"{name}:{q['question_id']}:{a}".encode()).hexdigest()[:22]

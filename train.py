@@ -28,7 +28,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, load_components, load_snapshot, save_projector, save_snapshot
-from data import CONV_TEMPLATES, DataError, LlavaDataset, Tokenizer, collate, modality_grouped_order
+from data import CONV_TEMPLATES, DataError, LlavaDataset, Tokenizer, collate, modality_grouped_order, writable_dir
 from lora import apply_lora, merge_lora, save_adapter
 from model import IGNORE_INDEX, Llava
 from projector import build_projector
@@ -255,10 +255,7 @@ def check(cfg, world):
     if not (cfg.max_steps or cfg.epochs > 0):
         raise UsageError(f"--epochs {cfg.epochs}, --max-steps {cfg.max_steps}: no step to run")
     for d in (cfg.out, *run_dirs(cfg)[1:]):       # an unwritable output fails now, not after the training
-        with contextlib.suppress(OSError):
-            os.makedirs(d, exist_ok=True)
-        if not (os.path.isdir(d) and os.access(d, os.W_OK)):
-            raise UsageError(f"{d}: not a directory this process can write to")
+        writable_dir(d)
 
 
 def run_dirs(cfg):

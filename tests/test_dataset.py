@@ -175,4 +175,4 @@ def test_shapes_out_that_cannot_be_created_is_one_line(tmp_path, capsys):
     (tmp_path / "a-file").write_text("not a directory")
     out = tmp_path / "a-file" / "shapes"
     assert data.main(["shapes", "--out", str(out), "--n-eval", "1"]) == 2
-    assert capsys.readouterr().err == f"error: {out}: cannot create the directory (Not a directory)\n"
+    assert capsys.readouterr().err == f"error: {out}: not a directory this process can write to\n"

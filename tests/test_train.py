@@ -413,6 +413,14 @@ def test_eval_bad_questions_are_one_line_and_exit_2(case, tiny, capsys):
     assert not ans.exists()
 
 
+def test_eval_answers_that_cannot_be_written_are_refused_before_answering(tiny, capsys):
+    import eval as evaluate                                    # was a traceback after every answer was made
+    (tiny / "a-file").write_text("not a directory")
+    assert evaluate.main(["--model", str(tiny / "stage1"), "--questions", str(tiny / "world" / "eval.jsonl"),
+                          "--image-folder", str(tiny / "world"), "--answers", str(tiny / "a-file" / "a.jsonl")]) == 2
+    assert capsys.readouterr().err == f"error: {tiny / 'a-file'}: not a directory this process can write to\n"
+
+
 def test_stage0_region_word_loss_trains_the_patches_llava_reads():
     """Stage 0's region-word loss acts on the penultimate layer's patch of each object (what LLaVA reads): the last
     ViT block gets no gradient from it, the blocks before it and the text tower do, and a fixed batch is learned."""
