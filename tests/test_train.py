@@ -270,6 +270,10 @@ def test_an_output_that_cannot_be_written_is_refused_before_training(tiny, where
     err = capsys.readouterr().err                                                        # on writing the result
     assert err == f"error: {bad}: not a directory this process can write to\n"
     assert not (tiny / "log" / "unwritable" / "metrics.json").exists()                 # no step was run
+    if where == "out":                             # stage 0 writes the CLIP and the LLaMA
+        for flag in ("--vision-tower", "--model-base"):
+            assert train.main(["--stage", "0", "--data", str(tiny / "world"), flag, str(bad)]) == 2
+            assert capsys.readouterr().err == f"error: {bad}: not a directory this process can write to\n"
 
 
 @pytest.mark.parametrize("flag,value", [("--stage", "3"), ("--stage", "-1"), ("--stage", "two"),
