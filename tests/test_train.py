@@ -4,6 +4,7 @@ Everything runs on a miniature Shapes world with stage-0 components trained for 
 the mechanics, not the quality (the bundled model's accuracy is a figure in the README)."""
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -297,6 +298,22 @@ def test_an_interrupted_run_resumes_exactly(tiny):
     assert split["val"][-1]["loss"] == whole["val"][-1]["loss"]
     # resuming with other settings would not continue the same run: refused in one line
     assert train.main(args(tiny, 2, "split", resume=True, **common | dict(lr=5e-3))) == 2
+
+
+def test_a_damaged_or_foreign_snapshot_is_refused_in_one_line(tiny, capsys):
+    assert train.main(args(tiny, 1, "damaged", max_steps=2, stop_after=1)) == 130
+    ckpt = tiny / "ckpt" / "damaged" / "ckpt.pt"
+    good = ckpt.read_bytes()
+    for content, why in [(good[:len(good) // 2], "cannot resume from it ("), (b"garbage\n", "cannot resume from it ("),
+                         (random.Random(0).randbytes(100), "cannot resume from it ("), (None, "cannot resume from it (not a snapshot")]:
+        if content is None:
+            torch.save({"step": 1}, ckpt)                  # a torch file, but not ours
+        else:
+            ckpt.write_bytes(content)                      # the last two were tracebacks
+        capsys.readouterr()
+        assert train.main(args(tiny, 1, "damaged", max_steps=2, resume=True)) == 2
+        err = capsys.readouterr().err                      # (after the model's loading bar)
+        assert err.splitlines()[-1].startswith(f"error: {ckpt}: {why}") and "Traceback" not in err, err
 
 
 def test_a_snapshot_from_before_a_setting_existed_resumes_only_with_its_default(tmp_path):
