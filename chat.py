@@ -125,7 +125,7 @@ def main(argv=None):
             print("ASSISTANT: ", end="", flush=True)
         if cache is None or t.plain:               # the first turn carries the image ("<image>\n" + text)
             cache = model.new_cache(1, max_len)
-            ids, images = tokenizer_image_token(t.prompt([IMAGE_TOKEN + "\n" + msg, None]), tok), pixels
+            ids, images = tokenizer_image_token(t.prompt([IMAGE_TOKEN + "\n" + msg, None]), tok, images=1), pixels
         else:                                      # later turns: only what follows the last answer
             ids, images = tok.encode(f"{t.sep2}{t.roles[0]}: {msg}{t.sep}{t.roles[1]}:", bos=False), None
             # the last sampled token was never fed. If it was the model's "</s>", this chunk's "</s>" is that

@@ -119,14 +119,15 @@ class Tokenizer:
         return self.sp.decode([i for i in ids if i >= 0 and i not in self.special.values()])
 
 
-def tokenizer_image_token(prompt, tok):
+def tokenizer_image_token(prompt, tok, images=-1):
     """llava/mm_utils.py: tokenize the text between "<image>"s separately and join the chunks with -200.
 
     Each chunk gets its own BOS (kept for the first only) and its own leading "▁". So "USER: <image>\\nWhat"
     becomes ▁US ER : ▁ -200 ▁ <0x0A> What: a lone "▁" (29871) on both sides of the image, and "What" without
     its "▁". Checkpoints were trained on exactly these ids; tokenizing the whole string differently would
-    feed them text they never saw."""
-    chunks = [tok.encode(c) for c in prompt.split(IMAGE_TOKEN)]
+    feed them text they never saw. With images=n only the first n "<image>"s are placeholders: chat.py and
+    eval.py put the image before the user's text, in which a literal "<image>" is text."""
+    chunks = [tok.encode(c) for c in prompt.split(IMAGE_TOKEN, images)]
     ids = chunks[0]
     for c in chunks[1:]:
         ids = ids + [IMAGE_TOKEN_INDEX] + c[1:]       # c[1:]: drop the chunk's BOS

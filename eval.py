@@ -63,7 +63,7 @@ def answer(model, tok, questions, image_folder, template, batch_size=32, max_new
     stop = tok.newline_id if t.plain else tok.eos_id
     fill = Image.new("RGB", (vc.image_size, vc.image_size), tuple(int(m * 255) for m in vc.image_mean))
     prompts = [t.prompt([IMAGE_TOKEN + "\n" + q["text"] if "image" in q else q["text"], None]) for q in questions]
-    ids = [tokenizer_image_token(p, tok) for p in prompts]
+    ids = [tokenizer_image_token(p, tok, images=int("image" in q)) for p, q in zip(prompts, questions)]
     max_len, N = model.cfg.text.max_position_embeddings, model.cfg.image_tokens
     for q, x in zip(questions, ids):       # past the context the model answers from positions it never saw
         if (n := len(x) + (N - 1) * x.count(IMAGE_TOKEN_INDEX)) >= max_len:

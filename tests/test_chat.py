@@ -39,6 +39,11 @@ def test_one_shot_answer(scene_png):
     assert r.stdout.strip() == "3"
 
 
+def test_a_literal_image_tag_in_the_prompt_is_text(scene_png):
+    r = chat(scene_png, "-p", "What does <image> mean?", "--max-new-tokens", "4")   # was a ValueError traceback
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+
+
 def test_two_turns_through_stdin_keep_the_history(scene_png):
     """The second answer must be what the model says given the whole conversation, image included, run from
     scratch (the official CLI's way): that proves the KV cache carried the first turn and the image."""

@@ -55,6 +55,12 @@ def test_image_placeholder_chunking_with_llama_ids(llama_tok):
     # the system prompt plus "USER: " is 35 tokens with BOS, so the image starts at position 35
     ids = tokenizer_image_token(CONV_TEMPLATES["vicuna_v1"].prompt(["<image>\nWhat is it?", None]), llama_tok)
     assert ids.index(IMG) == 35 and ids[-2:] == [13566, 29901]                          # ...ANT ":"
+    # images=1: a "<image>" in the user's own text is text (chat.py and eval.py; it was a second placeholder)
+    prompt = "USER: <image>\nIs <image> a tag?"
+    ids = tokenizer_image_token(prompt, llama_tok, images=1)
+    assert ids == llama_tok.encode("USER: ") + [IMG] + llama_tok.encode("\nIs <image> a tag?", bos=False)
+    assert llama_tok.decode(ids[ids.index(IMG) + 1:]).strip() == "Is <image> a tag?"
+    assert tokenizer_image_token(prompt, llama_tok, images=0) == llama_tok.encode(prompt)
 
 
 def sp(tok, s):

@@ -434,6 +434,17 @@ def test_eval_bad_questions_are_one_line_and_exit_2(case, tiny, capsys):
     assert not ans.exists()
 
 
+def test_eval_a_literal_image_tag_in_a_question_is_text(tiny):
+    image = json.loads(open(tiny / "world" / "eval.jsonl").readline())["image"]
+    q = tiny / "tag.jsonl"                                     # with and without an image: were ValueErrors
+    q.write_text("".join(json.dumps(dict(question_id=i, text="Is <image> a tag?") | x) + "\n"
+                         for i, x in enumerate([dict(image=image), {}])))
+    import eval as evaluate
+    assert evaluate.main(["--model", str(tiny / "stage1"), "--questions", str(q), "--image-folder", str(tiny / "world"),
+                          "--answers", str(tiny / "tag.out"), "--max-new-tokens", "4", "--conv-mode", "vicuna_v1"]) == 0
+    assert [json.loads(line)["prompt"].count("<image>") for line in open(tiny / "tag.out")] == [2, 1]
+
+
 def test_eval_answers_that_cannot_be_written_are_refused_before_answering(tiny, capsys):
     import eval as evaluate                                    # was a traceback after every answer was made
     (tiny / "a-file").write_text("not a directory")
