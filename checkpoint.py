@@ -363,7 +363,8 @@ def load_snapshot(path, model, opt, scaler, config: dict, defaults: dict):
         state = torch.load(path, map_location="cpu", weights_only=False)   # our own file: optimizer + RNG state
     except Exception as e:     # a damaged file fails as unpickling can: UnpicklingError, ValueError, MemoryError...
         raise CheckpointError(f"{path}: cannot resume from it ({str(e).splitlines()[0].split('. ')[0]})") from None
-    if not isinstance(state, dict) or not {"config", "trainable", "optimizer", "scaler", "rng", "step", "metrics"} <= set(state):
+    saved = {"config", "trainable", "optimizer", "scaler", "rng", "step", "metrics"}    # what save_snapshot writes
+    if not (isinstance(state, dict) and saved <= set(state)):
         raise CheckpointError(f"{path}: cannot resume from it (not a snapshot train.py wrote)")
     free = ("resume", "max_steps", "stop_after", "ckpt_every", "eval_every", "num_workers")   # may change
     diff = [k for k, v in (defaults | state["config"]).items() if k not in free and config.get(k) != v]

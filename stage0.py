@@ -165,7 +165,8 @@ def main(cfg):
     data = os.path.dirname(cfg.data) if cfg.data.endswith(".json") else cfg.data
     shapes.ensure(data)                            # made if missing; refused if an older shapes.py made it
     tok_path = os.path.join(data, "tokenizer.model")
-    writable_dir(cfg.vision_tower), writable_dir(cfg.model_base)   # refused now, not after minutes of training
+    for d in (cfg.vision_tower, cfg.model_base):  # an unwritable one is refused now, not after minutes of training
+        writable_dir(d)
     clip_loss, word_loss = pretrain_clip(cfg.vision_tower, Tokenizer(tok_path), seed=cfg.seed)
     lm_loss = pretrain_llm(cfg.model_base, tok_path, os.path.join(data, "corpus.txt"), seed=cfg.seed)
     print(f"stage 0 done: CLIP loss {clip_loss:.3f} (region-word {word_loss:.3f}) -> {cfg.vision_tower}; LLaMA loss "

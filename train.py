@@ -241,7 +241,8 @@ def train(cfg: TrainConfig):
 
 
 def check(cfg, world):
-    """Settings that would fail late or train wrongly (a negative lr ascends) are refused in one line, up front."""
+    """Settings that would fail late or train wrongly (a negative lr ascends) are refused in one line, up front;
+    the output directories are made here."""
     for (lo, hi), names in LIMITS.items():
         if bad := [k for k in names if not lo <= getattr(cfg, k) <= hi]:
             raise UsageError(f"--{bad[0].replace('_', '-')} {getattr(cfg, bad[0])} is outside [{lo}, {hi}]")
