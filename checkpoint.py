@@ -403,8 +403,11 @@ def build_parser():
 
 if __name__ == "__main__":
     dirs = build_parser().parse_args().dirs
-    if missing := [d for d in dirs if not os.path.isdir(d)]:
-        print(f"error: {missing[0]}: no such directory", file=sys.stderr)    # before any directory is changed
-        sys.exit(2)
+    for d in dirs:                                 # all checked before any is changed
+        why = ("no such directory" if not os.path.isdir(d) else "" if any(
+            n.endswith(".safetensors") for n in os.listdir(d)) else "no .safetensors file to store in fp16")
+        if why:
+            print(f"error: {d}: {why}", file=sys.stderr)
+            sys.exit(2)
     for d in dirs:
         to_half(d)

@@ -227,3 +227,8 @@ def test_half_refuses_a_missing_directory_before_changing_any(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr == f"error: {tmp_path / 'nope'}: no such directory\n", r.stderr
     assert dict(read_safetensors(str(tmp_path / "model.safetensors")))["w"].dtype == torch.float32   # untouched
+    (tmp_path / "data").mkdir()                    # a directory without weights (a typo) did nothing, silently
+    r = subprocess.run([sys.executable, "checkpoint.py", "half", str(tmp_path), str(tmp_path / "data")], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr == f"error: {tmp_path / 'data'}: no .safetensors file to store in fp16\n"
+    assert dict(read_safetensors(str(tmp_path / "model.safetensors")))["w"].dtype == torch.float32
