@@ -10,8 +10,12 @@ suffix, e.g. "Answer the question using a single word or phrase.", is already in
     python eval.py --blind                           # the same questions with a blank image instead
     python eval.py --model models/llava-v1.5-7b --vision-tower clip-vit-large-patch14-336 \\
         --questions llava_vqav2_mscoco_test-dev2015.jsonl --image-folder test2015 --answers answers.jsonl
+
+A long run that stops (Ctrl-C, a crash, a bad image) keeps its answers so far in <answers>.partial, and the same
+command continues from there.
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -57,8 +61,11 @@ def load_questions(path, image_folder=None):
 
 
 @torch.inference_mode()
-def answer(model, tok, questions, image_folder, template, batch_size=32, max_new_tokens=128, blind=False):
-    """Greedy answers (the official eval scripts use temperature 0), in batches of similar prompt length."""
+def answer(model, tok, questions, image_folder, template, batch_size=32, max_new_tokens=128, blind=False, done=None,
+           log=None):
+    """Greedy answers (the official eval scripts use temperature 0), in batches of similar prompt length. `done`
+    holds answers already made ({question index: text}), which are not made again; each batch's new ones are
+    appended to the file `log` as soon as they exist (see `resume`)."""
     vc, t = model.cfg.vision, CONV_TEMPLATES[template]
     stop = tok.newline_id if t.plain else tok.eos_id
     fill = Image.new("RGB", (vc.image_size, vc.image_size), tuple(int(m * 255) for m in vc.image_mean))
@@ -69,8 +76,8 @@ def answer(model, tok, questions, image_folder, template, batch_size=32, max_new
         if (n := len(x) + (N - 1) * x.count(IMAGE_TOKEN_INDEX)) >= max_len:
             raise DataError(f"question_id {q['question_id']}: the prompt is {n} positions long (the image's "
                             f"included); the model's context is {max_len}")
-    order = sorted(range(len(questions)), key=lambda i: len(ids[i]))
-    out = [None] * len(questions)
+    out = [(done or {}).get(i) for i in range(len(questions))]
+    order = sorted((i for i in range(len(questions)) if out[i] is None), key=lambda i: len(ids[i]))
     device = next(model.parameters()).device
     for k in tqdm(range(0, len(order), batch_size), desc="eval", disable=len(order) <= batch_size):
         idx = order[k:k + batch_size]
@@ -87,7 +94,32 @@ def answer(model, tok, questions, image_folder, template, batch_size=32, max_new
                              eos_token_id=stop)
         for r, i in enumerate(idx):
             out[i] = tok.decode(new[r].tolist()).strip()
+        if log:                                  # a crash or Ctrl-C loses this batch at most
+            with open(log, "a") as f:
+                f.writelines(json.dumps(dict(i=i, text=out[i])) + "\n" for i in idx)
     return prompts, out
+
+
+def resume(partial, settings):
+    """The answers an interrupted run left in `partial` ({question index: text}), if its settings were these; the
+    file is (re)written as a line of the settings and those answers, to which `answer` appends."""
+    done, same = {}, False
+    if os.path.exists(partial):
+        with open(partial) as f:
+            lines = f.read().splitlines()
+        for line in lines[1:]:
+            with contextlib.suppress(ValueError, KeyError, TypeError):   # a line cut short by the crash: made again
+                a = json.loads(line)
+                done[a["i"]] = a["text"]
+        with contextlib.suppress(ValueError, IndexError):
+            same = json.loads(lines[0]) == {"settings": settings}
+    if done and not same:            # one without answers (stopped before a batch ended, e.g. a --model typo) is not
+        raise DataError(f"{partial}: left by an interrupted run with other settings; run it again with those, "
+                        f"or delete the file to start over")
+    lines = [{"settings": settings}] + [dict(i=i, text=t) for i, t in done.items()]
+    with open(partial, "w") as f:                          # rewritten whole: no cut line is left to append to
+        f.writelines(json.dumps(x) + "\n" for x in lines)
+    return done
 
 
 def score(questions, answers):
@@ -123,26 +155,37 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    name = os.path.basename(os.path.normpath(args.model))
+    path = args.answers or os.path.join("output", name, f"answers{'-blind' if args.blind else ''}.jsonl")
+    partial = path + ".partial"                  # the answers so far, while they are being made
     try:
         if args.questions == "data/shapes/eval.jsonl" and not os.path.exists(args.questions):
             import shapes
             shapes.generate("data/shapes")
         questions = load_questions(args.questions, None if args.blind else args.image_folder)
-        name = os.path.basename(os.path.normpath(args.model))
-        path = args.answers or os.path.join("output", name, f"answers{'-blind' if args.blind else ''}.jsonl")
         writable_dir(os.path.dirname(path) or ".")   # an unwritable --answers fails now, not after the answers
+        # the batch size, device and compilation may change between an interrupted run and its continuation
+        settings = {k: v for k, v in vars(args).items() if k not in ("batch_size", "device", "compile")}
+        settings["questions_sha1"] = hashlib.sha1(json.dumps(questions).encode()).hexdigest()   # the same questions
+        if done := resume(partial, settings):
+            print(f"continuing from {partial}: {len(done)} of {len(questions)} answered", file=sys.stderr)
         model, tok = load_model(args)
         template = args.conv_mode or model.cfg.conv_template
         prompts, answers = answer(model, tok, questions, args.image_folder, template, args.batch_size,
-                                  args.max_new_tokens, args.blind)
-    except (DataError, CheckpointError) as e:
+                                  args.max_new_tokens, args.blind, done, partial)
+    except (DataError, CheckpointError) as e:     # a bad image mid-run: the answers so far are kept too
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        kept = f"the answers so far are in {partial}; " if os.path.exists(partial) else ""
+        print(f"\ninterrupted: {kept}the same command continues", file=sys.stderr)
+        return 130
     with open(path, "w") as f:
         for q, pr, a in zip(questions, prompts, answers):
             aid = hashlib.sha1(f"{name}:{q['question_id']}:{a}".encode()).hexdigest()[:22]
             f.write(json.dumps(dict(question_id=q["question_id"], prompt=pr, text=a, answer_id=aid, model_id=name,
                                     metadata={})) + "\n")
+    os.remove(partial)                             # every answer is in `path` now
     scores = score(questions, answers)
     if scores:
         with open(os.path.splitext(path)[0] + "-accuracy.json", "w") as f:

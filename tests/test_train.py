@@ -445,6 +445,45 @@ def test_eval_a_literal_image_tag_in_a_question_is_text(tiny):
     assert [json.loads(line)["prompt"].count("<image>") for line in open(tiny / "tag.out")] == [2, 1]
 
 
+def test_eval_continues_an_interrupted_run(tiny, monkeypatch, capsys):
+    """Ctrl-C (or a crash) mid-run keeps the answers made so far; the same command makes only the rest, and the
+    result is the uninterrupted run's. A continuation with other settings is refused."""
+    import eval as evaluate
+    q, out = tiny / "world" / "eval.jsonl", tiny / "split.jsonl"
+    flags = ["--model", str(tiny / "stage1"), "--questions", str(q), "--image-folder", str(tiny / "world"),
+             "--max-new-tokens", "4", "--batch-size", "4"]
+    assert evaluate.main(flags + ["--answers", str(tiny / "whole.jsonl")]) == 0
+    calls, generate = [], Llava.generate
+
+    def counted(self, *a, **k):
+        calls.append(len(a[0]))
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return generate(self, *a, **k)
+    monkeypatch.setattr(Llava, "generate", counted)
+    stop_at = 3
+    assert evaluate.main(flags + ["--answers", str(out)]) == 130
+    assert "the same command continues" in capsys.readouterr().err
+    partial = open(f"{out}.partial").read().splitlines()
+    assert len(partial) == 1 + 2 * 4                           # the settings, then two batches of answers
+    with open(f"{out}.partial", "a") as f:
+        f.write('{"i": 0, "te')                                # a line the crash cut short
+    n, calls[:], stop_at = len(open(q).readlines()), [], 0
+    assert evaluate.main(flags[:-1] + ["8", "--answers", str(out)]) == 0      # another batch size may continue it
+    assert sum(calls) == n - 8 and f"8 of {n} answered" in capsys.readouterr().err
+    assert open(out).read() == open(tiny / "whole.jsonl").read() and not os.path.exists(f"{out}.partial")
+    calls[:], stop_at = [], 2                      # one batch answered, then Ctrl-C
+    assert evaluate.main(flags + ["--answers", str(out)]) == 130
+    assert evaluate.main(flags[:-3] + ["5", "--answers", str(out)]) == 2       # --max-new-tokens 5: other answers
+    assert capsys.readouterr().err.endswith(f"error: {out}.partial: left by an interrupted run with other settings; "
+                                            "run it again with those, or delete the file to start over\n")
+    os.remove(f"{out}.partial")                    # a run stopped before its first answer (here: a --model typo)
+    assert evaluate.main(flags + ["--answers", str(out), "--model", str(tiny / "nope")]) == 2
+    assert os.path.exists(f"{out}.partial")
+    calls[:], stop_at = [], 0                      # then one with other settings: nothing is lost, so it starts over
+    assert evaluate.main(flags + ["--answers", str(out)]) == 0 and sum(calls) == n
+
+
 def test_eval_answers_that_cannot_be_written_are_refused_before_answering(tiny, capsys):
     import eval as evaluate                                    # was a traceback after every answer was made
     (tiny / "a-file").write_text("not a directory")
