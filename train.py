@@ -301,6 +301,8 @@ def _train(cfg: TrainConfig):
     if cfg.val_data:
         val_ds = LlavaDataset(cfg.val_data, tok, cfg.image_folder, cfg.template, **kw)
         val_idx, train_idx = list(range(len(val_ds))), perm
+        if not val_idx:
+            raise DataError(f"{cfg.val_data}: no samples to validate on")
     else:                                       # hold a fixed random subset of the training file out
         val_ds, val_idx, train_idx = ds, perm[:cfg.val_samples], perm[cfg.val_samples:]
     coll = lambda b: collate(b, tok.pad_id, cfg.max_length)
@@ -383,7 +385,7 @@ def _train(cfg: TrainConfig):
                 post["skipped"] = len(metrics["skipped"])
             bar.set_postfix(post, refresh=False)
             bar.update(1)
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
+            if val_idx and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):   # --val-samples 0: none
                 metrics["val"].append(dict(step=step, loss=validate(model, val_loader, device, ctx, world)))
                 bar.write(f"step {step}: validation loss {metrics['val'][-1]['loss']:.4f}") if master else None
             interrupted = torch.tensor(float(bool(stop) or step == cfg.stop_after), device=device)
@@ -463,8 +465,9 @@ def main(argv=None):
     if model is not None:                          # rank 0 writes the result
         export(model, cfg, model.tokenizer_path)
         m = model.metrics
-        print(f"stage {cfg.stage} done: {len(m['train'])} steps, final loss {m['train'][-1]['loss']:.4f}, validation "
-              f"{m['val'][-1]['loss']:.4f}; model in {cfg.out}, records in {model.log_dir}"
+        val = f"validation {m['val'][-1]['loss']:.4f}" if m["val"] else "no validation set"
+        print(f"stage {cfg.stage} done: {len(m['train'])} steps, final loss {m['train'][-1]['loss']:.4f}, {val}; "
+              f"model in {cfg.out}, records in {model.log_dir}"
               + (f"; {len(m['skipped'])} unreadable images skipped" if m["skipped"] else ""))
     return 0
 

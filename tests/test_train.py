@@ -263,6 +263,14 @@ def test_bad_flags_are_one_line_and_exit_2(tiny, flags, capsys):
     assert f"--{next(iter(flags)).replace('_', '-')} " in err
 
 
+def test_no_validation_set_means_no_validation_loss(tiny, capsys):
+    assert train.main(args(tiny, 1, "noval", max_steps=2, val_samples=0)) == 0   # it reported "validation 0.0000"
+    assert metrics(tiny, "noval")["val"] == [] and "no validation set" in capsys.readouterr().out
+    (tiny / "empty.json").write_text("[]")                                        # an empty --val-data is a mistake
+    assert train.main(args(tiny, 1, "noval", max_steps=2, val_data=tiny / "empty.json")) == 2
+    assert capsys.readouterr().err.endswith(f"\nerror: {tiny / 'empty.json'}: no samples to validate on\n")
+
+
 @pytest.mark.parametrize("where", ["out", "ckpt_dir", "log_dir"])
 def test_an_output_that_cannot_be_written_is_refused_before_training(tiny, where, capsys):
     (tiny / "a-file").write_text("not a directory")
