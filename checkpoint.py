@@ -404,9 +404,8 @@ def build_parser():
 if __name__ == "__main__":
     dirs = build_parser().parse_args().dirs
     for d in dirs:                                 # all checked before any is changed
-        why = ("no such directory" if not os.path.isdir(d) else "" if any(
-            n.endswith(".safetensors") for n in os.listdir(d)) else "no .safetensors file to store in fp16")
-        if why:
+        if not os.path.isdir(d) or not any(n.endswith(".safetensors") for n in os.listdir(d)):
+            why = "no .safetensors file to store in fp16" if os.path.isdir(d) else "no such directory"
             print(f"error: {d}: {why}", file=sys.stderr)
             sys.exit(2)
     for d in dirs:
