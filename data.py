@@ -37,11 +37,16 @@ class DataError(ValueError):
 
 # ----------------------------------------------------------------------------------------------------- images
 def load_image(path):
-    """Any image PIL reads, as RGB (`Image.open(f).convert('RGB')`, as the official training and CLI code)."""
+    """Any image PIL reads, as RGB (`Image.open(f).convert('RGB')`, as the official training and CLI code).
+
+    One exception: 16-bit greyscale (a PNG or TIFF from a scanner or a microscope) keeps its top 8 bits. The
+    official code, and transformers' processors, clip it and see a white image."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)   # over PIL's limit: refuse
             with Image.open(path) as im:
+                if im.mode.startswith("I;16"):     # 16-bit grey: convert("RGB") would clip all over 255 to white
+                    return Image.fromarray((np.asarray(im) >> 8).astype(np.uint8)).convert("RGB")
                 return im.convert("RGB")
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None

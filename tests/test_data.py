@@ -198,6 +198,16 @@ def test_pixels_equal_transformers_image_processors(tmp_path, name, aspect):
     assert (got - ref).abs().max() == 0
 
 
+def test_16_bit_grey_keeps_its_top_8_bits(tmp_path):
+    # convert("RGB") clips 16-bit values at 255, so this gradient would be read as a white image
+    grey = np.arange(0, 65536, 256, dtype=np.uint16).reshape(16, 16)
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I;16")
+    img = np.asarray(load_image(tmp_path / "g16.png"))
+    assert img.shape == (16, 16, 3) and img.dtype == np.uint8
+    assert (img == (grey >> 8).astype(np.uint8)[:, :, None]).all()
+
+
 def test_pad_colour_is_the_truncated_mean(tmp_path):
     img = Image.new("RGB", (40, 10), (255, 0, 0))
     x = process_image(img, 28, "pad")
