@@ -99,7 +99,7 @@ def load_model(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        image = load_image(args.image)             # bad input fails before the model is loaded
+        image = load_image(args.image, upright=True)   # bad input fails before the model is loaded
         model, tok = load_model(args)
     except (DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import sentencepiece as spm
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from model import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from vit import CLIP_MEAN, CLIP_STD
@@ -36,15 +36,18 @@ class DataError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------------- images
-def load_image(path):
+def load_image(path, upright=False):
     """Any image PIL reads, as RGB (`Image.open(f).convert('RGB')`, as the official training and CLI code).
 
-    One exception: 16-bit greyscale (a PNG or TIFF from a scanner or a microscope) keeps its top 8 bits. The
-    official code, and transformers' processors, clip it and see a white image."""
+    Two exceptions. 16-bit greyscale (a PNG or TIFF from a scanner or a microscope) keeps its top 8 bits: the
+    official code, and transformers' processors, clip it and see a white image. And with upright=True (chat.py)
+    a photo is turned as its EXIF orientation says, as a viewer shows it: a phone's portrait photo is stored
+    sideways, and the official CLI shows it to the model so. Training and eval keep the official pixels."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)   # over PIL's limit: refuse
             with Image.open(path) as im:
+                im = ImageOps.exif_transpose(im) if upright else im
                 if im.mode.startswith("I;16"):     # 16-bit grey: convert("RGB") would clip all over 255 to white
                     return Image.fromarray((np.asarray(im) >> 8).astype(np.uint8)).convert("RGB")
                 return im.convert("RGB")

@@ -8,6 +8,7 @@ import zlib
 
 import pytest
 import torch
+from PIL import Image
 
 import shapes
 from chat import build_parser
@@ -42,6 +43,20 @@ def test_one_shot_answer(scene_png):
 def test_a_literal_image_tag_in_the_prompt_is_text(scene_png):
     r = chat(scene_png, "-p", "What does <image> mean?", "--max-new-tokens", "4")   # was a ValueError traceback
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_photo_is_shown_upright_as_its_exif_orientation_says(tmp_path):
+    # a phone stores a portrait photo sideways, with an EXIF tag that says how to turn it for showing
+    upright = shapes.render([dict(shape="circle", color="red", size="large", cell=0)], random.Random(0))
+    exif = Image.Exif()
+    exif[0x0112] = 6                                       # orientation 6: turn 90 degrees clockwise to show
+    upright.rotate(90).save(tmp_path / "phone.png", exif=exif)      # stored turned 90 degrees anticlockwise
+    upright.rotate(90).save(tmp_path / "sideways.png")
+    upright.save(tmp_path / "upright.png")
+    answers = {name: chat(str(tmp_path / f"{name}.png"), "-p", "Where is the circle?", "--temperature", "0")
+               .stdout.strip() for name in ("phone", "sideways", "upright")}
+    assert "top left" in answers["upright"], answers
+    assert answers["phone"] == answers["upright"] != answers["sideways"], answers
 
 
 def test_two_turns_through_stdin_keep_the_history(scene_png):
