@@ -414,6 +414,9 @@ def main(argv=None):
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:                      # shapes.ensure refuses a world cut short, so none is used
+        print("interrupted" + (f": {args.out} is incomplete" if args.cmd == "shapes" else ""), file=sys.stderr)
+        return 130
     return 0
 
 

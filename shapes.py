@@ -15,6 +15,7 @@ data.py / train.py code paths run on it:
 
     python data.py shapes --out data/shapes
 """
+import contextlib
 import json
 import os
 import random
@@ -181,6 +182,8 @@ def generate(out, seed=0, n_pretrain=8000, n_instruct=8000, n_eval=300, n_instru
     the stage-0 corpus, so that the tokenizer, the corpus, stage 0, stage 1 and the eval split do not depend on
     how many there are (why so many: stage 2 sees each sample once, as LLaVA's does; FINDINGS.md)."""
     rng = random.Random(seed)
+    with contextlib.suppress(FileNotFoundError):   # remade over an older world: it is not whole until the end
+        os.remove(os.path.join(out, "world.json"))
     for split in ("pretrain", "instruct", "eval"):
         os.makedirs(os.path.join(out, "images", split), exist_ok=True)
     pretrain, instruct, evals, corpus = [], [], [], []

@@ -18,6 +18,7 @@ import math
 import os
 import random
 import shutil
+import sys
 
 import torch
 import torch.nn as nn
@@ -167,8 +168,15 @@ def main(cfg):
     tok_path = os.path.join(data, "tokenizer.model")
     for d in (cfg.vision_tower, cfg.model_base):  # an unwritable one is refused now, not after minutes of training
         writable_dir(d)
-    clip_loss, word_loss = pretrain_clip(cfg.vision_tower, Tokenizer(tok_path), seed=cfg.seed)
-    lm_loss = pretrain_llm(cfg.model_base, tok_path, os.path.join(data, "corpus.txt"), seed=cfg.seed)
+    written = []
+    try:                   # a few minutes, so no snapshots: Ctrl-C says what is written, and a rerun starts over
+        clip_loss, word_loss = pretrain_clip(cfg.vision_tower, Tokenizer(tok_path), seed=cfg.seed)
+        written.append(cfg.vision_tower)
+        lm_loss = pretrain_llm(cfg.model_base, tok_path, os.path.join(data, "corpus.txt"), seed=cfg.seed)
+    except KeyboardInterrupt:
+        print(f"stage 0 interrupted; written: {', '.join(written) or 'nothing'} (each model is written whole when "
+              f"its training ends)", file=sys.stderr)
+        return 130
     print(f"stage 0 done: CLIP loss {clip_loss:.3f} (region-word {word_loss:.3f}) -> {cfg.vision_tower}; LLaMA loss "
           f"{lm_loss:.3f} -> {cfg.model_base}")
     return 0

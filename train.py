@@ -456,8 +456,8 @@ def main(argv=None):
             import shapes                       # made on a fresh clone (about 15 s); one an older shapes.py made
             shapes.ensure("data/shapes")        # is refused (fewer samples: lower accuracy)
         model = train(cfg)
-    except Interrupted as e:
-        print(e, file=sys.stderr)
+    except (Interrupted, KeyboardInterrupt) as e:  # KeyboardInterrupt: Ctrl-C while loading or making the data
+        print(str(e) or "interrupted before the first step", file=sys.stderr)
         return 130                                 # the shell's code for "ended by Ctrl-C"
     except (DataError, CheckpointError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -61,6 +61,28 @@ def test_train_refuses_a_world_another_shapes_py_made(world, tmp_path, monkeypat
                                            "make it again: python data.py shapes --out data/shapes\n")
 
 
+def test_a_world_remade_and_cut_short_is_refused(world, tmp_path):
+    """Ctrl-C while `data.py shapes` remakes a world over a whole one left the old world.json, which stamped a mix
+    of old and new files as whole; now it is removed first, and Ctrl-C is one line and exit 130."""
+    import shutil
+    import signal
+    import shapes
+    out = tmp_path / "shapes"
+    shutil.copytree(world, out)
+    p = subprocess.Popen([sys.executable, "data.py", "shapes", "--out", str(out), "--n-pretrain", "100000"],
+                         cwd=ROOT, stderr=subprocess.PIPE, text=True, bufsize=1)
+    seen = ""
+    while "shapes: pretrain" not in seen or "100000 [" not in seen:    # rendering has begun
+        seen += p.stderr.read(64)
+        assert p.poll() is None, seen[-2000:]
+    p.send_signal(signal.SIGINT)
+    err = p.stderr.read()
+    assert p.wait(timeout=60) == 130 and "Traceback" not in err, err
+    assert err.endswith(f"interrupted: {out} is incomplete\n"), err
+    with pytest.raises(DataError, match="cut short"):
+        shapes.ensure(str(out))
+
+
 def test_extra_instruction_samples_change_nothing_before_them(world, tmp_path):
     """Stage 2's extra samples are drawn after the eval split and kept out of the corpus: with none of them, every
     other file (so the tokenizer, stage 0, stage 1 and the eval split) is the same, byte for byte."""

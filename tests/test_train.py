@@ -365,6 +365,31 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tiny):
     assert state["step"] >= 1 and set(state["rng"]) == {"torch", "python", "numpy", "cuda"}
 
 
+def test_ctrl_c_in_stage_0_is_one_line_and_exit_130(tiny):
+    out = {"--vision-tower": tiny / "s0-clip", "--model-base": tiny / "s0-llama"}
+    cmd = [sys.executable, "train.py", "--stage", "0", "--data", str(tiny / "world")]
+    p = subprocess.Popen(cmd + [str(x) for kv in out.items() for x in kv], cwd=ROOT, stderr=subprocess.PIPE,
+                         text=True, bufsize=1)
+    seen = ""
+    while "stage 0: CLIP" not in seen or "1/600" not in seen:     # the CLIP's first step is done
+        seen += p.stderr.read(64)
+        assert p.poll() is None, seen[-2000:]
+    p.send_signal(signal.SIGINT)
+    err = p.stderr.read()
+    assert p.wait(timeout=60) == 130, err               # it was a KeyboardInterrupt traceback
+    assert "Traceback" not in err and err.endswith("stage 0 interrupted; written: nothing (each model is written "
+                                                   "whole when its training ends)\n"), err
+    assert not any((d / "model.safetensors").exists() for d in out.values())   # (the directories are made up front)
+
+
+def test_ctrl_c_before_the_first_step_is_one_line(tiny, monkeypatch, capsys):
+    def loading(cfg):                              # Ctrl-C before train() sets its handlers: loading, data
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "train", loading)
+    assert train.main(args(tiny, 1, "early")) == 130             # it was a traceback
+    assert capsys.readouterr().err == "interrupted before the first step\n"
+
+
 def test_ddp_two_processes_match_one(tiny):
     common = dict(max_steps=3, lr=1e-3, eval_every=3, projector_lr=1e-3)
     assert train.main(args(tiny, 2, "one", **common)) == 0
