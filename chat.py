@@ -1,7 +1,7 @@
 """
 Chat with LLaVA about an image (the official llava/serve/cli.py, with the KV cache kept across turns).
 
-    python chat.py img.png                          # interactive: an empty line or Ctrl-D ends, Ctrl-C stops an answer
+    python chat.py img.png                   # interactive: an empty line, Ctrl-D or Ctrl-C ends; Ctrl-C stops an answer
     python chat.py img.png -p "What is in the image?"      # one answer, for scripts and pipes
     python chat.py photo.jpg --model models/llava-v1.5-7b --vision-tower models/clip-vit-large-patch14-336
 
@@ -104,6 +104,8 @@ def main(argv=None):
     except (DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:                      # Ctrl-C while loading
+        return 130
     vc, t = model.cfg.vision, CONV_TEMPLATES[args.conv_mode or model.cfg.conv_template]
     device = next(model.parameters()).device
     pixels = process_image(image, vc.image_size, model.cfg.image_aspect_ratio, vc.image_mean, vc.image_std)
@@ -118,8 +120,11 @@ def main(argv=None):
         else:
             try:
                 msg = input("USER: ")
-            except EOFError:
+            except EOFError:                       # Ctrl-D ends the chat
                 break
+            except KeyboardInterrupt:              # so does Ctrl-C at the prompt, with the shell's code for it
+                print()
+                return 130
             if not msg.strip():
                 break
             print("ASSISTANT: ", end="", flush=True)

@@ -1,6 +1,7 @@
 """chat.py as a user runs it: a subprocess, with the bundled tiny LLaVA, one-shot, multi-turn and bad input."""
 import os
 import random
+import signal
 import struct
 import subprocess
 import sys
@@ -57,6 +58,18 @@ def test_a_photo_is_shown_upright_as_its_exif_orientation_says(tmp_path):
                .stdout.strip() for name in ("phone", "sideways", "upright")}
     assert "top left" in answers["upright"], answers
     assert answers["phone"] == answers["upright"] != answers["sideways"], answers
+
+
+def test_ctrl_c_at_the_prompt_ends_the_chat(scene_png):
+    p = subprocess.Popen([sys.executable, "chat.py", scene_png], cwd=ROOT, stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    while "USER: " not in seen:                             # the model is loaded and waits for a question
+        seen += p.stdout.read(1)
+        assert p.poll() is None, p.stderr.read()[-2000:]
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err == "", err           # it was a KeyboardInterrupt traceback
 
 
 def test_two_turns_through_stdin_keep_the_history(scene_png):
