@@ -72,6 +72,28 @@ def test_ctrl_c_at_the_prompt_ends_the_chat(scene_png):
     assert p.returncode == 130 and err == "", err           # it was a KeyboardInterrupt traceback
 
 
+def test_ctrl_c_during_an_answer_stops_it_and_the_chat_goes_on(scene_png):
+    sampled = [scene_png, "--temperature", "5", "--seed", "0"]    # hot: hundreds of tokens before an "</s>"
+    whole = chat(*sampled, stdin="Describe the image.\n\n").stdout.split("ASSISTANT: ")[1]
+    p = subprocess.Popen([sys.executable, "chat.py", *sampled], cwd=ROOT, stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdin.write("Describe the image.\n")
+    p.stdin.flush()
+    seen = ""
+    while "ASSISTANT: " not in seen[:-1]:                   # the answer has begun
+        seen += p.stdout.read(1)
+        assert p.poll() is None, p.stderr.read()[-2000:]
+    p.send_signal(signal.SIGINT)
+    while not seen.endswith("USER: "):                      # it stops, and the next question is asked for
+        seen += p.stdout.read(1)
+        assert p.poll() is None, p.stderr.read()[-2000:]
+    out, err = p.communicate("How many shapes are there?\n\n", timeout=60)
+    assert p.returncode == 0 and "Traceback" not in err, err
+    cut = seen.split("ASSISTANT: ")[1]
+    assert len(cut) < len(whole) / 2, (cut, whole)
+    assert out.count("ASSISTANT: ") == 1 and out.strip().endswith("USER:"), out   # the second turn is answered
+
+
 def test_two_turns_through_stdin_keep_the_history(scene_png):
     """The second answer must be what the model says given the whole conversation, image included, run from
     scratch (the official CLI's way): that proves the KV cache carried the first turn and the image."""
