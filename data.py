@@ -173,50 +173,64 @@ CONV_TEMPLATES = {
 }
 
 
+def official_messages(conversations, has_image=True):
+    """The messages and roles as the official code feeds them to the template (`preprocess_multimodal`):
+    "<image>" moves to the front of the message that mentions it, and a leading gpt turn is dropped."""
+    msgs, roles = [c["value"] for c in conversations], [c["from"] for c in conversations]
+    if has_image:
+        msgs = [(IMAGE_TOKEN + "\n" + m.replace(IMAGE_TOKEN, "").strip()).strip() if IMAGE_TOKEN in m else m
+                for m in msgs]
+    return (msgs[1:], roles[1:]) if roles and roles[0] != "human" else (msgs, roles)
+
+
+def split_rounds(prompt, t):
+    """The official masking's reading of a v1 prompt: one round per answer, "USER: q ASSISTANT: a" (its "</s>"
+    cut off), as (instruction up to "ASSISTANT: ", answer). None where that reading fails, which the official
+    code reports as a "tokenization mismatch" and trains on nothing: a message whose own text holds "</s>" or
+    " ASSISTANT: ", or a conversation that ends with a question."""
+    sep = t.sep + t.roles[1] + ": "      # " ASSISTANT: "
+    *rounds, rest = prompt.split(t.sep2)
+    parts = [r.split(sep) for r in rounds]
+    return None if rest or any(len(p) != 2 for p in parts) else [(q + sep, a) for q, a in parts]
+
+
 def tokenize_conversation(conversations, tok, template="vicuna_v1", has_image=True, name="sample"):
     """Official `preprocess_multimodal` + `preprocess_plain`/`preprocess_v1`: (input_ids, labels) as lists.
 
     labels are -100 everywhere except what the model must learn to say: the answers and the "</s>" after each
     (v1), or the caption and its "\\n" (plain). Where the official code prints "tokenization mismatch" and
-    silently trains on nothing, this raises, naming the sample."""
+    silently trains on nothing, this raises, naming the sample (LlavaDataset finds such samples up front)."""
     t = CONV_TEMPLATES[template]
-    msgs = [c["value"] for c in conversations]
-    if has_image:                        # "<image>" moves to the front of the message that mentions it
-        msgs = [(IMAGE_TOKEN + "\n" + m.replace(IMAGE_TOKEN, "").strip()).strip() if IMAGE_TOKEN in m else m
-                for m in msgs]
     if t.plain:
-        if len(msgs) != 2 or IMAGE_TOKEN not in msgs[0]:
+        msgs = official_messages(conversations, has_image)[0]
+        if len(conversations) != 2 or len(msgs) != 2 or IMAGE_TOKEN not in msgs[0]:
             raise DataError(f"{name}: a stage-1 (plain) sample needs an image and exactly one caption turn")
         ids = tokenizer_image_token(t.prompt(msgs), tok)          # [BOS, -200, caption..., "\n"]
         return ids, [IGNORE_INDEX] * 2 + ids[2:]                   # BOS and the image are not supervised
-    roles = [c["from"] for c in conversations]
-    if roles and roles[0] != "human":    # the official code drops a leading gpt turn
-        msgs, roles = msgs[1:], roles[1:]
+    msgs, roles = official_messages(conversations, has_image)
     if any(r != ("human", "gpt")[i % 2] for i, r in enumerate(roles)):
         raise DataError(f"{name}: roles must alternate human, gpt (got {', '.join(roles)})")
     prompt = t.prompt(msgs)
+    if (rounds := split_rounds(prompt, t)) is None:
+        raise DataError(f"{name}: tokenization mismatch: a message contains {t.sep2!r} or ' {t.roles[1]}: ', or "
+                        f"the conversation ends with a question")
     encode = (lambda s: tokenizer_image_token(s, tok)) if has_image else tok.encode
     ids = encode(prompt)
     labels = [IGNORE_INDEX] * len(ids)
-    sep = t.sep + t.roles[1] + ": "      # " ASSISTANT: "
     cur = 1                              # after BOS
-    for rou in prompt.split(t.sep2):     # one round = "USER: q ASSISTANT: a", its "</s>" cut off by the split
-        parts = rou.split(sep)
-        if rou == "" or len(parts) != 2:
-            break
+    for instruction, answer in rounds:
         # tok(round) counts a BOS the round does not have: that +1 stands in for the round's "</s>". And
-        # tok(part0 + sep) ends in a lone "▁" that merges into the answer's first token: hence the -2.
-        round_len, instruction_len = len(encode(rou)), len(encode(parts[0] + sep)) - 2
+        # tok(instruction) ends in a lone "▁" that merges into the answer's first token: hence the -2.
+        round_len, instruction_len = len(encode(instruction + answer)), len(encode(instruction)) - 2
         labels[cur + instruction_len:cur + round_len] = ids[cur + instruction_len:cur + round_len]
         cur += round_len
-    if cur != len(ids):
-        raise DataError(f"{name}: tokenization mismatch ({cur} vs {len(ids)} tokens): does the text contain "
-                        f"{sep.strip()!r} or {t.sep2!r}?")
+    if cur != len(ids):                  # the rounds' tokens do not add up to the prompt's: a tokenizer unlike LLaMA's
+        raise DataError(f"{name}: tokenization mismatch ({cur} vs {len(ids)} tokens)")
     return ids, labels
 
 
 # ---------------------------------------------------------------------------------------------------- data sets
-ROLE_CODE, ALTERNATING = {"human": "h", "gpt": "g"}, re.compile(r"g?h(gh)*g?")
+ROLE_CODE, ALTERNATING = {"human": "h", "gpt": "g"}, re.compile(r"g?(hg)+")
 
 
 def sample_problems(s, template="vicuna_v1", image_folder=None):
@@ -232,8 +246,11 @@ def sample_problems(s, template="vicuna_v1", image_folder=None):
     except (TypeError, KeyError):
         return ["every turn needs 'from' (human or gpt) and a string 'value'"], 0
     problems = []
+    t = CONV_TEMPLATES[template]
     if not ALTERNATING.fullmatch(roles):  # a leading gpt turn is dropped by the official code, so allowed
-        problems.append(f"roles do not alternate human, gpt ({', '.join(c['from'] for c in conv)})")
+        problems.append(f"roles do not alternate human, gpt, ending with gpt ({', '.join(c['from'] for c in conv)})")
+    elif not t.plain and split_rounds(t.prompt(official_messages(conv, "image" in s)[0]), t) is None:
+        problems.append(f"a message contains {t.sep2!r} or ' {t.roles[1]}: ', which the official masking splits on")
     if "image" in s:
         n = text.count(IMAGE_TOKEN)
         n = n if n < 2 else sum(IMAGE_TOKEN in c["value"] for c in conv)     # turns that mention it

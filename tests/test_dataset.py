@@ -142,20 +142,29 @@ def test_check_reports_every_problem_with_index_and_id(world, tmp_path):
            dict(img, id="missing-file", image="images/nope.png"),
            {"id": "no-token", "image": img["image"], "conversations": [{"from": "human", "value": "hi"},
                                                                          {"from": "gpt", "value": "yo"}]},
-           5]                                                   # not a sample at all: was a TypeError traceback
+           5,                                                   # not a sample at all: was a TypeError traceback
+           # the next two passed the check, then stopped training when first drawn ("tokenization mismatch")
+           {"id": "sep", "conversations": [{"from": "human", "value": "Say ' ASSISTANT: '"}, {"from": "gpt",
+                                                                                            "value": "ok"}]},
+           {"id": "open", "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"},
+                                            {"from": "human", "value": "c"}]}]
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     r = subprocess.run([sys.executable, "data.py", "check", str(tmp_path / "bad.json"), "--image-folder", world],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 1
     lines = r.stdout.splitlines()
-    assert len(lines) == 5 and "Traceback" not in r.stderr
+    assert len(lines) == 7 and "Traceback" not in r.stderr
     assert "sample 1 (id no-conv): no 'conversations' list" in lines[0]
-    assert "sample 2 (id repeat): roles do not alternate human, gpt (human, human)" in lines[1]
+    assert "sample 2 (id repeat): roles do not alternate human, gpt, ending with gpt (human, human)" in lines[1]
     assert "sample 3 (id missing-file): image file" in lines[2] and "nope.png not found" in lines[2]
     assert "sample 4 (id no-token): has an image but 0 turns mention <image>" in lines[3]
     assert "sample 5 (id None): not a JSON object" in lines[4]
-    assert "6 samples, 5 problem(s)" in r.stderr
-    with pytest.raises(DataError, match="5 problem"):
+    assert lines[5].endswith("sample 6 (id sep): a message contains '</s>' or ' ASSISTANT: ', which the official "
+                             "masking splits on")
+    assert lines[6].endswith("sample 7 (id open): roles do not alternate human, gpt, ending with gpt (human, gpt, "
+                             "human)")
+    assert "8 samples, 7 problem(s)" in r.stderr
+    with pytest.raises(DataError, match="7 problem"):
         LlavaDataset(str(tmp_path / "bad.json"), Tokenizer(os.path.join(world, "tokenizer.model")), world)
 
 
