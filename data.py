@@ -230,27 +230,25 @@ def tokenize_conversation(conversations, tok, template="vicuna_v1", has_image=Tr
 
 
 # ---------------------------------------------------------------------------------------------------- data sets
-ROLE_CODE, ALTERNATING = {"human": "h", "gpt": "g"}, re.compile(r"g?(hg)+")
+ROLE_CODE, ALTERNATING = {"human": "h", "gpt": "g"}, re.compile(r"g?h(gh)*g?")
 
 
 def sample_problems(s, template="vicuna_v1", image_folder=None):
-    """Everything wrong with one sample of the LLaVA JSON, as short phrases, and its length in characters."""
+    """Everything wrong with one sample of the LLaVA JSON, as short phrases; its length in characters; and
+    whether the official masking can read it (if not, the official code trains on nothing for it)."""
     if not isinstance(s, dict):
-        return ["not a JSON object"], 0
+        return ["not a JSON object"], 0, True
     conv = s.get("conversations")
     if not isinstance(conv, list) or not conv:
-        return ["no 'conversations' list"], 0
+        return ["no 'conversations' list"], 0, True
     try:
         roles = "".join(ROLE_CODE[c["from"]] for c in conv)
         text = "".join(c["value"] for c in conv)
     except (TypeError, KeyError):
-        return ["every turn needs 'from' (human or gpt) and a string 'value'"], 0
-    problems = []
-    t = CONV_TEMPLATES[template]
+        return ["every turn needs 'from' (human or gpt) and a string 'value'"], 0, True
+    problems, t = [], CONV_TEMPLATES[template]
     if not ALTERNATING.fullmatch(roles):  # a leading gpt turn is dropped by the official code, so allowed
-        problems.append(f"roles do not alternate human, gpt, ending with gpt ({', '.join(c['from'] for c in conv)})")
-    elif not t.plain and split_rounds(t.prompt(official_messages(conv, "image" in s)[0]), t) is None:
-        problems.append(f"a message contains {t.sep2!r} or ' {t.roles[1]}: ', which the official masking splits on")
+        problems.append(f"roles do not alternate human, gpt ({', '.join(c['from'] for c in conv)})")
     if "image" in s:
         n = text.count(IMAGE_TOKEN)
         n = n if n < 2 else sum(IMAGE_TOKEN in c["value"] for c in conv)     # turns that mention it
@@ -264,7 +262,8 @@ def sample_problems(s, template="vicuna_v1", image_folder=None):
         problems.append("a stage-1 (plain) sample needs an image")
     if template == "plain" and len(conv) != 2:
         problems.append("a stage-1 (plain) sample needs exactly 2 turns")
-    return problems, len(text)
+    readable = t.plain or bool(problems) or split_rounds(t.prompt(official_messages(conv, "image" in s)[0]), t)
+    return problems, len(text), readable is not None
 
 
 def scan_json(path, template="vicuna_v1", image_folder=None):
@@ -272,8 +271,8 @@ def scan_json(path, template="vicuna_v1", image_folder=None):
 
     Returns the file's text, each sample's (start, end) character span, its modality length (characters of
     text, negative for text-only samples: the official code counts words, which only serves to sort samples
-    into batches of similar length, and costs 3x the parse) and every problem found, as
-    "sample 12 (id 34): problem" lines.
+    into batches of similar length, and costs 3x the parse), every problem found, as "sample 12 (id 34): problem"
+    lines, and as such lines the samples the official masking cannot read, which training leaves out.
     Keeping the text and parsing a sample when it is used holds llava_v1_5_mix665k (665K samples, 1 GB) in
     about its own size, where json.load would build ~5x that in Python objects."""
     try:
@@ -286,16 +285,20 @@ def scan_json(path, template="vicuna_v1", image_folder=None):
     if text[i:i + 1] != "[":
         raise DataError(f"{path}: not a JSON list of samples")
     i = ws.match(text, i + 1).end()
-    spans, lengths, problems = [], [], []
+    spans, lengths, problems, left_out = [], [], [], []
     while text[i:i + 1] != "]":
         try:
             s, end = dec.raw_decode(text, i)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-        found, n = sample_problems(s, template, image_folder)
-        if found:
-            problems += [f"{path}: sample {len(spans)} (id {s.get('id') if isinstance(s, dict) else None}): {p}"
-                         for p in found]
+        found, n, readable = sample_problems(s, template, image_folder)
+        where = f"{path}: sample {len(spans)} (id {s.get('id') if isinstance(s, dict) else None})"
+        problems += [f"{where}: {p}" for p in found]
+        if not readable:
+            t = CONV_TEMPLATES[template]
+            left_out.append(f"{where}: the official masking cannot read it (a message contains {t.sep2!r} or "
+                            f"' {t.roles[1]}: ', or it ends with a question): it trains on nothing for it; train.py "
+                            f"leaves it out")
         spans.append((i, end))
         lengths.append(max(n, 1) if isinstance(s, dict) and "image" in s else -max(n, 1))
         i = ws.match(text, end).end()
@@ -304,19 +307,20 @@ def scan_json(path, template="vicuna_v1", image_folder=None):
         elif text[i:i + 1] != "]":
             line = text.count("\n", 0, i) + 1
             raise DataError(f"{path}: malformed JSON at line {line}: expected ',' or ']' after sample {len(spans) - 1}")
-    return text, np.array(spans, dtype=np.int64).reshape(-1, 2), np.array(lengths, dtype=np.int64), problems
+    return text, np.array(spans, dtype=np.int64).reshape(-1, 2), np.array(lengths, dtype=np.int64), problems, left_out
 
 
 class LlavaDataset(torch.utils.data.Dataset):
     """LCS-558K, llava_v1_5_mix665k or the Shapes world: tokens, labels and pixels per sample, made on access
     (the official LazySupervisedDataset). A bad image does not stop training: the sample comes back as
-    {"skipped": reason}, which collate() drops and counts. Bad JSON or samples raise DataError up front."""
+    {"skipped": reason}, which collate() drops and counts; so does one the official masking cannot read (listed
+    up front in `left_out`). Bad JSON or other bad samples raise DataError up front."""
 
     def __init__(self, path, tokenizer, image_folder=".", template="vicuna_v1", image_size=336, aspect="pad",
                  mean=CLIP_MEAN, std=CLIP_STD, check_images=True):
         self.path, self.tok, self.image_folder, self.template = path, tokenizer, image_folder, template
         self.image = dict(size=image_size, aspect=aspect, mean=mean, std=std)
-        self.text, self.spans, self.modality_lengths, problems = scan_json(
+        self.text, self.spans, self.modality_lengths, problems, self.left_out = scan_json(
             path, template, image_folder if check_images else None)
         if problems:
             raise DataError(f"{len(problems)} problem(s); run `python data.py check {path}`. First: {problems[0]}")
@@ -330,8 +334,11 @@ class LlavaDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         s = self.raw(i)
-        ids, labels = tokenize_conversation(s["conversations"], self.tok, self.template, "image" in s,
-                                            name=f"{self.path}: sample {i} (id {s.get('id')})")
+        try:
+            ids, labels = tokenize_conversation(s["conversations"], self.tok, self.template, "image" in s,
+                                                name=f"sample {i} (id {s.get('id')})")
+        except DataError as e:                     # a tokenization mismatch: the official code trains on nothing
+            return {"skipped": str(e)}
         image = None
         if "image" in s:
             try:
@@ -420,11 +427,12 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         if args.cmd == "check":
-            _, spans, _, problems = scan_json(args.json, args.template, args.image_folder)
-            for line in problems:
+            _, spans, _, problems, left_out = scan_json(args.json, args.template, args.image_folder)
+            for line in problems + left_out:
                 print(line)
-            print(f"{args.json}: {len(spans)} samples, {len(problems)} problem(s)", file=sys.stderr)
-            return 1 if problems else 0
+            print(f"{args.json}: {len(spans)} samples, {len(problems)} problem(s), {len(left_out)} left out in "
+                  f"training", file=sys.stderr)
+            return 1 if problems or left_out else 0
         import shapes
         shapes.generate(writable_dir(args.out), seed=args.seed, **{k: v for k, v in vars(args).items()
                                                      if k.startswith("n_") and v is not None})

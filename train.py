@@ -185,6 +185,8 @@ def validate(model, loader, device, ctx, world):
     model.eval()
     total = torch.zeros(2, device=device)          # (sum of token losses, tokens)
     for batch in loader:
+        if batch["input_ids"].numel() == 0:        # every sample skipped (unreadable images)
+            continue
         b = to_device(batch, device)
         with ctx:
             out = model(b["input_ids"], b["images"], b["labels"], b["attention_mask"], return_logits=False)
@@ -193,7 +195,7 @@ def validate(model, loader, device, ctx, world):
         dist.all_reduce(total)
     model.train()
     getattr(model, "module", model).vision_tower.eval()     # (under DDP the model is wrapped in .module)
-    return (total[0] / total[1].clamp(min=1)).item()
+    return (total[0] / total[1]).item()            # nan if nothing was left to validate on
 
 
 def export(model, cfg, tok_path):
@@ -297,6 +299,8 @@ def _train(cfg: TrainConfig):
     vc = model.cfg.vision
     kw = dict(image_size=vc.image_size, aspect=cfg.image_aspect_ratio, mean=vc.image_mean, std=vc.image_std)
     ds = LlavaDataset(cfg.data, tok, cfg.image_folder, cfg.template, **kw)
+    if ds.left_out and master:
+        print(f"{len(ds.left_out)} sample(s) left out of training; first: {ds.left_out[0]}", file=sys.stderr)
     perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     if cfg.val_data:
         val_ds = LlavaDataset(cfg.val_data, tok, cfg.image_folder, cfg.template, **kw)
@@ -468,7 +472,8 @@ def main(argv=None):
         val = f"validation {m['val'][-1]['loss']:.4f}" if m["val"] else "no validation set"
         print(f"stage {cfg.stage} done: {len(m['train'])} steps, final loss {m['train'][-1]['loss']:.4f}, {val}; "
               f"model in {cfg.out}, records in {model.log_dir}"
-              + (f"; {len(m['skipped'])} unreadable images skipped" if m["skipped"] else ""))
+              + (f"; {len(m['skipped'])} sample(s) skipped (unreadable image, tokenization mismatch)"
+                 if m["skipped"] else ""))
     return 0
 
 

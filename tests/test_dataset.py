@@ -133,6 +133,30 @@ def test_corrupt_image_is_skipped_and_reported(world, tmp_path):
     assert "sample 1 (id " in batch["skipped"][0] and "bad.png: not an image file" in batch["skipped"][0]
 
 
+def test_a_sample_the_official_masking_cannot_read_is_left_out_of_training(world, tmp_path, capsys):
+    """The official code trains on nothing for it ("tokenization mismatch"); here it is named before the first step
+    and skipped like an unreadable image. It used to stop training when first drawn, in a DataLoader worker."""
+    import train
+    samples = json.load(open(os.path.join(world, "instruct.json")))[:40]
+    samples[5]["conversations"][-1]["value"] = "Say ASSISTANT: yes</s>"
+    (tmp_path / "d.json").write_text(json.dumps(samples))
+    ds = LlavaDataset(str(tmp_path / "d.json"), Tokenizer(os.path.join(world, "tokenizer.model")), world, image_size=64)
+    assert len(ds.left_out) == 1 and "sample 5 (id " in ds.left_out[0]
+    assert ds[5] == {"skipped": f"sample 5 (id {samples[5]['id']}): tokenization mismatch: a message contains '</s>' "
+                                "or ' ASSISTANT: ', or the conversation ends with a question"}
+    assert "ids" in ds[4] and "ids" in ds[6]
+    for s in samples:                          # one epoch of batches of 8 takes every sample: sample 5 is drawn
+        s.pop("image", None)                   # (text-only: no vision tower needed)
+    (tmp_path / "t.json").write_text(json.dumps(samples))
+    assert train.main(["--stage", "2", "--projector", "models/shapes-stage1", "--data", str(tmp_path / "t.json"),
+                       "--out", str(tmp_path / "out"), "--ckpt-dir", str(tmp_path / "ckpt"), "--log-dir",
+                       str(tmp_path / "log"), "--batch-size", "8", "--micro-batch", "8", "--val-samples", "0",
+                       "--num-workers", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "1 sample(s) left out of training; first: " in err and "sample 5 (id " in err
+    assert json.load(open(tmp_path / "log" / "metrics.json"))["skipped"] == [ds[5]["skipped"]]
+
+
 def test_check_reports_every_problem_with_index_and_id(world, tmp_path):
     good = json.load(open(os.path.join(world, "instruct.json")))
     img = next(s for s in good if "image" in s)
@@ -143,7 +167,8 @@ def test_check_reports_every_problem_with_index_and_id(world, tmp_path):
            {"id": "no-token", "image": img["image"], "conversations": [{"from": "human", "value": "hi"},
                                                                          {"from": "gpt", "value": "yo"}]},
            5,                                                   # not a sample at all: was a TypeError traceback
-           # the next two passed the check, then stopped training when first drawn ("tokenization mismatch")
+           # the next two passed the check, then stopped training when first drawn ("tokenization mismatch"); they
+           # are left out of training, as the official code trains on nothing for them
            {"id": "sep", "conversations": [{"from": "human", "value": "Say ' ASSISTANT: '"}, {"from": "gpt",
                                                                                             "value": "ok"}]},
            {"id": "open", "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"},
@@ -155,16 +180,15 @@ def test_check_reports_every_problem_with_index_and_id(world, tmp_path):
     lines = r.stdout.splitlines()
     assert len(lines) == 7 and "Traceback" not in r.stderr
     assert "sample 1 (id no-conv): no 'conversations' list" in lines[0]
-    assert "sample 2 (id repeat): roles do not alternate human, gpt, ending with gpt (human, human)" in lines[1]
+    assert "sample 2 (id repeat): roles do not alternate human, gpt (human, human)" in lines[1]
     assert "sample 3 (id missing-file): image file" in lines[2] and "nope.png not found" in lines[2]
     assert "sample 4 (id no-token): has an image but 0 turns mention <image>" in lines[3]
     assert "sample 5 (id None): not a JSON object" in lines[4]
-    assert lines[5].endswith("sample 6 (id sep): a message contains '</s>' or ' ASSISTANT: ', which the official "
-                             "masking splits on")
-    assert lines[6].endswith("sample 7 (id open): roles do not alternate human, gpt, ending with gpt (human, gpt, "
-                             "human)")
-    assert "8 samples, 7 problem(s)" in r.stderr
-    with pytest.raises(DataError, match="7 problem"):
+    why = ("the official masking cannot read it (a message contains '</s>' or ' ASSISTANT: ', or it ends with a "
+           "question): it trains on nothing for it; train.py leaves it out")
+    assert lines[5].endswith(f"sample 6 (id sep): {why}") and lines[6].endswith(f"sample 7 (id open): {why}")
+    assert "8 samples, 5 problem(s), 2 left out in training" in r.stderr
+    with pytest.raises(DataError, match="5 problem"):
         LlavaDataset(str(tmp_path / "bad.json"), Tokenizer(os.path.join(world, "tokenizer.model")), world)
 
 

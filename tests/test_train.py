@@ -3,6 +3,7 @@
 Everything runs on a miniature Shapes world with stage-0 components trained for one step: these tests check
 the mechanics, not the quality (the bundled model's accuracy is a figure in the README)."""
 import json
+import math
 import os
 import random
 import signal
@@ -269,6 +270,16 @@ def test_no_validation_set_means_no_validation_loss(tiny, capsys):
     (tiny / "empty.json").write_text("[]")                                        # an empty --val-data is a mistake
     assert train.main(args(tiny, 1, "noval", max_steps=2, val_data=tiny / "empty.json")) == 2
     assert capsys.readouterr().err.endswith(f"\nerror: {tiny / 'empty.json'}: no samples to validate on\n")
+
+
+def test_a_validation_batch_of_unreadable_images_does_not_end_the_run(tiny, capsys):
+    sample = next(s for s in json.load(open(tiny / "world" / "pretrain.json")))
+    (tiny / "broken.png").write_text("not a png")
+    (tiny / "val-broken.json").write_text(json.dumps([dict(sample, image=str(tiny / "broken.png"))]))
+    # it was an IndexError traceback after the last step, before the model was written
+    assert train.main(args(tiny, 1, "valbroken", max_steps=2, val_data=tiny / "val-broken.json")) == 0
+    assert math.isnan(metrics(tiny, "valbroken")["val"][-1]["loss"])       # nothing to validate on: not 0.0000
+    assert "validation nan" in capsys.readouterr().out and (tiny / "valbroken" / "mm_projector.bin").exists()
 
 
 @pytest.mark.parametrize("where", ["out", "ckpt_dir", "log_dir"])
