@@ -194,12 +194,16 @@ def split_rounds(prompt, t):
     return None if rest or any(len(p) != 2 for p in parts) else [(q + sep, a) for q, a in parts]
 
 
+def unreadable(t):                       # why split_rounds gives None, in words
+    return f"the official masking cannot read it ({t.sep2!r} or ' {t.roles[1]}: ' in a message, or a final question)"
+
+
 def tokenize_conversation(conversations, tok, template="vicuna_v1", has_image=True, name="sample"):
     """Official `preprocess_multimodal` + `preprocess_plain`/`preprocess_v1`: (input_ids, labels) as lists.
 
     labels are -100 everywhere except what the model must learn to say: the answers and the "</s>" after each
     (v1), or the caption and its "\\n" (plain). Where the official code prints "tokenization mismatch" and
-    silently trains on nothing, this raises, naming the sample (LlavaDataset finds such samples up front)."""
+    silently trains on nothing, this raises, naming the sample (LlavaDataset names such samples up front)."""
     t = CONV_TEMPLATES[template]
     if t.plain:
         msgs = official_messages(conversations, has_image)[0]
@@ -212,8 +216,7 @@ def tokenize_conversation(conversations, tok, template="vicuna_v1", has_image=Tr
         raise DataError(f"{name}: roles must alternate human, gpt (got {', '.join(roles)})")
     prompt = t.prompt(msgs)
     if (rounds := split_rounds(prompt, t)) is None:
-        raise DataError(f"{name}: tokenization mismatch: a message contains {t.sep2!r} or ' {t.roles[1]}: ', or "
-                        f"the conversation ends with a question")
+        raise DataError(f"{name}: tokenization mismatch: {unreadable(t)}")
     encode = (lambda s: tokenizer_image_token(s, tok)) if has_image else tok.encode
     ids = encode(prompt)
     labels = [IGNORE_INDEX] * len(ids)
@@ -235,7 +238,7 @@ ROLE_CODE, ALTERNATING = {"human": "h", "gpt": "g"}, re.compile(r"g?h(gh)*g?")
 
 def sample_problems(s, template="vicuna_v1", image_folder=None):
     """Everything wrong with one sample of the LLaVA JSON, as short phrases; its length in characters; and
-    whether the official masking can read it (if not, the official code trains on nothing for it)."""
+    whether the official masking can read it (the official code trains on nothing for one it cannot)."""
     if not isinstance(s, dict):
         return ["not a JSON object"], 0, True
     conv = s.get("conversations")
@@ -262,6 +265,7 @@ def sample_problems(s, template="vicuna_v1", image_folder=None):
         problems.append("a stage-1 (plain) sample needs an image")
     if template == "plain" and len(conv) != 2:
         problems.append("a stage-1 (plain) sample needs exactly 2 turns")
+    # (a sample with problems is refused anyway, so it is not listed as unreadable too)
     readable = t.plain or bool(problems) or split_rounds(t.prompt(official_messages(conv, "image" in s)[0]), t)
     return problems, len(text), readable is not None
 
@@ -294,11 +298,8 @@ def scan_json(path, template="vicuna_v1", image_folder=None):
         found, n, readable = sample_problems(s, template, image_folder)
         where = f"{path}: sample {len(spans)} (id {s.get('id') if isinstance(s, dict) else None})"
         problems += [f"{where}: {p}" for p in found]
-        if not readable:
-            t = CONV_TEMPLATES[template]
-            left_out.append(f"{where}: the official masking cannot read it (a message contains {t.sep2!r} or "
-                            f"' {t.roles[1]}: ', or it ends with a question): it trains on nothing for it; train.py "
-                            f"leaves it out")
+        if not readable:                 # the official code trains on nothing for it; train.py leaves it out
+            left_out.append(f"{where}: left out of training: {unreadable(CONV_TEMPLATES[template])}")
         spans.append((i, end))
         lengths.append(max(n, 1) if isinstance(s, dict) and "image" in s else -max(n, 1))
         i = ws.match(text, end).end()

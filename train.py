@@ -300,7 +300,7 @@ def _train(cfg: TrainConfig):
     kw = dict(image_size=vc.image_size, aspect=cfg.image_aspect_ratio, mean=vc.image_mean, std=vc.image_std)
     ds = LlavaDataset(cfg.data, tok, cfg.image_folder, cfg.template, **kw)
     if ds.left_out and master:
-        print(f"{len(ds.left_out)} sample(s) left out of training; first: {ds.left_out[0]}", file=sys.stderr)
+        print(f"{len(ds.left_out)} sample(s) to skip; first: {ds.left_out[0]}", file=sys.stderr)
     perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     if cfg.val_data:
         val_ds = LlavaDataset(cfg.val_data, tok, cfg.image_folder, cfg.template, **kw)

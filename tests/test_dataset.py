@@ -142,8 +142,8 @@ def test_a_sample_the_official_masking_cannot_read_is_left_out_of_training(world
     (tmp_path / "d.json").write_text(json.dumps(samples))
     ds = LlavaDataset(str(tmp_path / "d.json"), Tokenizer(os.path.join(world, "tokenizer.model")), world, image_size=64)
     assert len(ds.left_out) == 1 and "sample 5 (id " in ds.left_out[0]
-    assert ds[5] == {"skipped": f"sample 5 (id {samples[5]['id']}): tokenization mismatch: a message contains '</s>' "
-                                "or ' ASSISTANT: ', or the conversation ends with a question"}
+    assert ds[5] == {"skipped": f"sample 5 (id {samples[5]['id']}): tokenization mismatch: the official masking "
+                                "cannot read it ('</s>' or ' ASSISTANT: ' in a message, or a final question)"}
     assert "ids" in ds[4] and "ids" in ds[6]
     for s in samples:                          # one epoch of batches of 8 takes every sample: sample 5 is drawn
         s.pop("image", None)                   # (text-only: no vision tower needed)
@@ -153,7 +153,7 @@ def test_a_sample_the_official_masking_cannot_read_is_left_out_of_training(world
                        str(tmp_path / "log"), "--batch-size", "8", "--micro-batch", "8", "--val-samples", "0",
                        "--num-workers", "0"]) == 0
     err = capsys.readouterr().err
-    assert "1 sample(s) left out of training; first: " in err and "sample 5 (id " in err
+    assert "1 sample(s) to skip; first: " in err and "sample 5 (id " in err
     assert json.load(open(tmp_path / "log" / "metrics.json"))["skipped"] == [ds[5]["skipped"]]
 
 
@@ -184,8 +184,8 @@ def test_check_reports_every_problem_with_index_and_id(world, tmp_path):
     assert "sample 3 (id missing-file): image file" in lines[2] and "nope.png not found" in lines[2]
     assert "sample 4 (id no-token): has an image but 0 turns mention <image>" in lines[3]
     assert "sample 5 (id None): not a JSON object" in lines[4]
-    why = ("the official masking cannot read it (a message contains '</s>' or ' ASSISTANT: ', or it ends with a "
-           "question): it trains on nothing for it; train.py leaves it out")
+    why = ("left out of training: the official masking cannot read it ('</s>' or ' ASSISTANT: ' in a message, or a "
+           "final question)")
     assert lines[5].endswith(f"sample 6 (id sep): {why}") and lines[6].endswith(f"sample 7 (id open): {why}")
     assert "8 samples, 5 problem(s), 2 left out in training" in r.stderr
     with pytest.raises(DataError, match="5 problem"):
