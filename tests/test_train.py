@@ -374,18 +374,19 @@ def test_compiled_blocks_train_as_eager_ones(tiny):
     torch.testing.assert_close(b["val"][-1]["loss"], a["val"][-1]["loss"], rtol=1e-5, atol=0)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_130(tiny):
-    cmd = [sys.executable, "train.py"] + args(tiny, 2, "sigint", max_steps=10000, num_workers=1)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])     # Ctrl-C; a job scheduler's notice
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tiny, sig):
+    cmd = [sys.executable, "train.py"] + args(tiny, 2, sig.name, max_steps=10000, num_workers=1)
     p = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True, bufsize=1)
     line = ""
     while "stage 2:" not in line or "1/" not in line:            # the bar shows a finished step
         line = p.stderr.read(64)
         assert line or p.poll() is None, "train.py ended before its first step"
-    p.send_signal(signal.SIGINT)
+    p.send_signal(sig)
     err = p.stderr.read()
     assert p.wait(timeout=120) == 130, err
     assert "continue with --resume" in err and "Traceback" not in err
-    state = torch.load(tiny / "ckpt" / "sigint" / "ckpt.pt", weights_only=False)
+    state = torch.load(tiny / "ckpt" / sig.name / "ckpt.pt", weights_only=False)
     assert state["step"] >= 1 and set(state["rng"]) == {"torch", "python", "numpy", "cuda"}
 
 
