@@ -21,6 +21,7 @@ import random
 import shutil
 import sys
 import zipfile
+from dataclasses import fields, is_dataclass
 
 import numpy as np
 import torch
@@ -219,10 +220,32 @@ def find_dir(name, base, what, arg):
     raise CheckpointError(f"{base}/config.json: {what} {name!r} is not a local directory; pass {arg}=<dir>")
 
 
+def config_from(path, make):
+    """make(): a config parsed from the JSON at path. A missing key, a value of the wrong type or a setting this
+    code does not support is one line naming the file (a hand-edited "hidden_size": "128" was a TypeError deep
+    in torch)."""
+    def check(cfg):                 # each field holds its annotated type; a float field may hold an int
+        for f in fields(cfg):
+            v = getattr(cfg, f.name)
+            if is_dataclass(v):
+                check(v)
+                continue
+            ok = (int, float) if f.type is float else f.type
+            if not isinstance(v, ok) or (isinstance(v, bool) and f.type is not bool):
+                raise TypeError(f"{f.name} is {v!r}, not {f.type.__name__}")
+        return cfg
+    try:
+        return check(make())
+    except KeyError as e:
+        raise CheckpointError(f"{path}: missing or unknown {e}") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
 def clip_config(d):
     pre = os.path.join(d, "preprocessor_config.json")
-    return VisionConfig.from_hf(read_json(os.path.join(d, "config.json")),
-                                read_json(pre) if os.path.exists(pre) else None)
+    return config_from(os.path.join(d, "config.json"), lambda: VisionConfig.from_hf(
+        read_json(os.path.join(d, "config.json")), read_json(pre) if os.path.exists(pre) else None))
 
 
 def liuhaotian_config(d, vision, config_cls, conv_template):
@@ -253,12 +276,13 @@ def load_llava(cls, path, vision_tower=None, dtype=None, device=None, model_base
     path = str(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a checkpoint directory")
-    d = read_json(os.path.join(path, "config.json"))
+    d = read_json(cfg_path := os.path.join(path, "config.json"))
     base = path                                                        # where tokenizer.model is looked for
     if d.get("format") == "llava-from-scratch":                        # ours
-        cfg, sources = LlavaConfig.from_dict(d), [(weight_files(path), lambda k: k)]
+        cfg, sources = config_from(cfg_path, lambda: LlavaConfig.from_dict(d)), [(weight_files(path), lambda k: k)]
     elif "text_config" in d or "vision_config" in d:                   # llava-hf
-        cfg, sources = llava_hf_config(d, LlavaConfig), [(weight_files(path), llava_hf_key)]
+        cfg, sources = config_from(cfg_path, lambda: llava_hf_config(d, LlavaConfig)), [(weight_files(path),
+                                                                                           llava_hf_key)]
     elif any(k.startswith("mm_") for k in d):                          # liuhaotian: full model or stage-1 dir
         clip = find_dir(vision_tower or d.get("mm_vision_tower") or d.get("vision_tower"), path, "vision tower",
                         "vision_tower")
@@ -267,13 +291,15 @@ def load_llava(cls, path, vision_tower=None, dtype=None, device=None, model_base
         has_llm = any(os.path.exists(os.path.join(path, f)) for f in (
             "model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json"))
         if has_llm:                        # a full LLaVA, trained with the vicuna_v1 template
-            cfg = liuhaotian_config(d, clip_config(clip), LlavaConfig, "vicuna_v1")
+            vision = clip_config(clip)
+            cfg = config_from(cfg_path, lambda: liuhaotian_config(d, vision, LlavaConfig, "vicuna_v1"))
             sources = [(weight_files(path), liuhaotian_key)]
         elif projector:                    # stage 1: a projector on top of a base LLM, trained with `plain`
             base = find_dir(model_base or d.get("_name_or_path"), path, "base LLM", "model_base")
             mm = {k: v for k, v in d.items() if k.startswith(("mm_", "image_"))}
-            cfg = liuhaotian_config(read_json(os.path.join(base, "config.json")) | mm, clip_config(clip),
-                                    LlavaConfig, "plain")
+            vision, base_cfg = clip_config(clip), os.path.join(base, "config.json")
+            cfg = config_from(base_cfg, lambda: liuhaotian_config(read_json(base_cfg) | mm, vision, LlavaConfig,
+                                                                  "plain"))
             sources = [(weight_files(base), liuhaotian_key), (projector, liuhaotian_key)]
         else:
             raise CheckpointError(f"{path}: no weights (no model files and no mm_projector.bin)")
@@ -296,8 +322,9 @@ def load_components(cls, llm_dir, vision_dir, projector_type="mlp2x_gelu", dtype
     """Stage 1's starting point: a base LLM (HF LLaMA/Vicuna dir) and a vision tower (HF CLIP dir), each from
     its own checkpoint, and a freshly initialised projector between them."""
     from model import LlavaConfig, default_device, default_dtype
-    d = read_json(os.path.join(llm_dir, "config.json"))
-    cfg = LlavaConfig(vision=clip_config(vision_dir), text=LlamaConfig.from_hf(d), projector_type=projector_type, **kw)
+    d, vision = read_json(cfg_path := os.path.join(llm_dir, "config.json")), clip_config(vision_dir)
+    cfg = config_from(cfg_path, lambda: LlavaConfig(vision=vision, text=LlamaConfig.from_hf(d),
+                                                    projector_type=projector_type, **kw))
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     with torch.device("meta"):

@@ -1,6 +1,7 @@
 """checkpoint.py: the same tiny weights in every layout load to identical logits; bad files give one clear error."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -193,6 +194,33 @@ def test_not_a_checkpoint(layouts, tmp_path):
         Llava.from_pretrained(str(tmp_path))
     with pytest.raises(CheckpointError, match="a plain LLaMA checkpoint"):
         Llava.from_pretrained(d["base"])
+
+
+@pytest.mark.parametrize("layout,where,edit,message", [
+    ("ours", "", lambda c: c["text"].update(vocab_size="1024"), "vocab_size is '1024', not int"),
+    ("ours", "", lambda c: c.pop("vision"), "missing or unknown 'vision'"),
+    ("published", "", lambda c: c["vision_config"].update(layer_norm_eps="small"),
+     "layer_norm_eps is 'small', not float"),
+    ("liuhaotian", "", lambda c: c.update(rope_scaling={"type": "linear", "factor": 2.0}), "RoPE scaling"),
+    ("liuhaotian", "clip", lambda c: c["vision_config"].update(hidden_size=[64]), "hidden_size is [64], not int"),
+    ("stage1", "base", lambda c: c.update(hidden_act="gelu"), "only LLaMA with SiLU")])
+def test_a_config_with_a_bad_value_is_one_line_naming_it(layouts, tmp_path, layout, where, edit, message):
+    """Hand-edited or foreign config.json files: each of these was a KeyError, TypeError or ValueError traceback."""
+    d, _, _ = layouts
+    copies = {name: str(tmp_path / name) for name in (layout, "clip", "base")}
+    for name, path in copies.items():
+        shutil.copytree(d[name], path)
+    for name in (layout, "clip", "base"):          # the copies point at each other, not at the fixture's dirs
+        c = json.load(open(os.path.join(copies[name], "config.json")))
+        for k in ("mm_vision_tower", "_name_or_path"):
+            if k in c:
+                c[k] = copies["clip" if k == "mm_vision_tower" else "base"]
+        if name == (where or layout):
+            edit(c)
+        json.dump(c, open(os.path.join(copies[name], "config.json"), "w"))
+    with pytest.raises(CheckpointError, match=re.escape(message)) as e:
+        Llava.from_pretrained(copies[layout], device="cpu")
+    assert str(e.value).startswith(os.path.join(copies[where or layout], "config.json") + ": ")
 
 
 def test_our_safetensors_writer_is_read_by_the_safetensors_library(tmp_path):
