@@ -10,6 +10,8 @@ an error naming the file and the key. Only keys known to be unused are skipped, 
     ours          "format": "llava-from-scratch"  model.safetensors (everything, CLIP included)
     liuhaotian    LLaMA keys + mm_* keys          LLaMA + model.mm_projector.* shards; CLIP from its own dir
     stage 1       same, no LLM weights            mm_projector.bin, on top of a base LLM dir and a CLIP dir
+    LoRA          same, + adapter_config.json     PEFT adapter_model.* (merged on load) + non_lora_trainables.bin,
+                                                  on top of a base LLM dir and a CLIP dir
     llava-hf      text_config + vision_config     language_model.* / vision_tower.* / multi_modal_projector.*
 """
 import ctypes
@@ -278,6 +280,9 @@ def load_llava(cls, path, vision_tower=None, dtype=None, device=None, model_base
         raise CheckpointError(f"{path}: not a checkpoint directory")
     d = read_json(cfg_path := os.path.join(path, "config.json"))
     base = path                                                        # where tokenizer.model is looked for
+    # a LoRA dir (liuhaotian/llava-v1.5-7b-lora, or train.py's <out>/adapter): adapters, and the projector they
+    # trained (non_lora_trainables.bin) where a stage-1 dir has mm_projector.bin, on top of a base LLM
+    lora = os.path.exists(os.path.join(path, "adapter_config.json"))
     if d.get("format") == "llava-from-scratch":                        # ours
         cfg, sources = config_from(cfg_path, lambda: LlavaConfig.from_dict(d)), [(weight_files(path), lambda k: k)]
     elif "text_config" in d or "vision_config" in d:                   # llava-hf
@@ -286,7 +291,8 @@ def load_llava(cls, path, vision_tower=None, dtype=None, device=None, model_base
     elif any(k.startswith("mm_") for k in d):                          # liuhaotian: full model or stage-1 dir
         clip = find_dir(vision_tower or d.get("mm_vision_tower") or d.get("vision_tower"), path, "vision tower",
                         "vision_tower")
-        projector = [os.path.join(path, f) for f in ("mm_projector.safetensors", "mm_projector.bin")
+        projector = [os.path.join(path, f) for f in ("mm_projector.safetensors", "mm_projector.bin",
+                                                     "non_lora_trainables.bin")
                      if os.path.exists(os.path.join(path, f))][:1]
         has_llm = any(os.path.exists(os.path.join(path, f)) for f in (
             "model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json"))
@@ -294,12 +300,12 @@ def load_llava(cls, path, vision_tower=None, dtype=None, device=None, model_base
             vision = clip_config(clip)
             cfg = config_from(cfg_path, lambda: liuhaotian_config(d, vision, LlavaConfig, "vicuna_v1"))
             sources = [(weight_files(path), liuhaotian_key)]
-        elif projector:                    # stage 1: a projector on top of a base LLM, trained with `plain`
+        elif projector:                    # on top of a base LLM: stage 1 (trained with `plain`) or LoRA
             base = find_dir(model_base or d.get("_name_or_path"), path, "base LLM", "model_base")
             mm = {k: v for k, v in d.items() if k.startswith(("mm_", "image_"))}
             vision, base_cfg = clip_config(clip), os.path.join(base, "config.json")
             cfg = config_from(base_cfg, lambda: liuhaotian_config(read_json(base_cfg) | mm, vision, LlavaConfig,
-                                                                  "plain"))
+                                                                  "vicuna_v1" if lora else "plain"))
             sources = [(weight_files(base), liuhaotian_key), (projector, liuhaotian_key)]
         else:
             raise CheckpointError(f"{path}: no weights (no model files and no mm_projector.bin)")
@@ -313,9 +319,37 @@ def load_llava(cls, path, vision_tower=None, dtype=None, device=None, model_base
     with torch.device("meta"):                                         # shapes only: nothing allocated
         model = cls(cfg)
     load_weights(model, sources, dtype or default_dtype(device), device)
+    if lora:
+        merge_adapters(model, path)
     model.tokenizer_path = next((p for p in (os.path.join(path, "tokenizer.model"),
                                              os.path.join(base, "tokenizer.model")) if os.path.exists(p)), None)
     return model.eval()
+
+
+def merge_adapters(model, path):
+    """Fold a LoRA dir's PEFT adapters into the loaded weights, W += (alpha / r) B A, as the official loader's
+    merge_and_unload (keys: base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight)."""
+    a = read_json(os.path.join(path, "adapter_config.json"))
+    if a.get("use_rslora") or a.get("use_dora") or not {"r", "lora_alpha"} <= set(a):
+        raise CheckpointError(f"{path}/adapter_config.json: only plain LoRA (r, lora_alpha) is supported")
+    files = [os.path.join(path, f) for f in ("adapter_model.safetensors", "adapter_model.bin")
+             if os.path.exists(os.path.join(path, f))][:1]
+    if not files:
+        raise CheckpointError(f"{path}: adapter_config.json but no adapter_model.safetensors or adapter_model.bin")
+    pairs = {}
+    for key, t in read_tensors(files[0]):
+        half = next((h for h in (".lora_A.", ".lora_B.") if h in key), None)
+        name = half and liuhaotian_key(key.replace("base_model.model.", "", 1).replace(half, ".", 1))
+        if name is None:
+            raise CheckpointError(f"{files[0]}: unexpected key {key}")
+        pairs.setdefault(name, {})[half[6]] = t                        # {"A": (r, in), "B": (out, r)}
+    params = dict(model.named_parameters())
+    for name, ab in pairs.items():
+        w = params.get(name)
+        if w is None or len(ab) != 2 or (ab["B"].shape[0], ab["A"].shape[1]) != tuple(w.shape):
+            raise CheckpointError(f"{files[0]}: adapter for {name} does not fit the model")
+        delta = (ab["B"].float() @ ab["A"].float()) * (a["lora_alpha"] / a["r"])      # (out, in), as lora.py
+        w.data = (w.data.float() + delta.to(w.device)).to(w.dtype)
 
 
 def load_components(cls, llm_dir, vision_dir, projector_type="mlp2x_gelu", dtype=None, device=None, **kw):

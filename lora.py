@@ -62,8 +62,18 @@ def merge_lora(llm: nn.Module):
 
 
 def save_adapter(model, directory, r, alpha, dropout, base_path=""):
-    """PEFT layout, as the official LoRA checkpoints (liuhaotian/llava-v1.5-7b-lora) are written."""
+    """PEFT layout, as the official LoRA checkpoints (liuhaotian/llava-v1.5-7b-lora) are written. Where stage 2
+    began from a stage-1 dir (base_path), its config.json comes along, pointing at the same base LLM and CLIP, so
+    that from_pretrained loads the adapter dir on its own (the adapters merged), as it loads the official one."""
     os.makedirs(directory, exist_ok=True)
+    src = os.path.join(base_path, "config.json") if base_path else ""
+    c = json.load(open(src)) if src and os.path.exists(src) else {}
+    if "mm_vision_tower" in c and "_name_or_path" in c:          # a stage-1 dir names them relative to itself
+        moved = lambda p: os.path.relpath(os.path.join(base_path, p), directory) if os.path.isdir(
+            os.path.join(base_path, p)) else p
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(c | dict(_name_or_path=moved(c["_name_or_path"]), mm_vision_tower=moved(c["mm_vision_tower"]),
+                               image_aspect_ratio=model.cfg.image_aspect_ratio, tune_mm_mlp_adapter=False), f, indent=2)
     sd = {k: v for k, v in model.state_dict().items() if "lora_" in k}
     # ours: language_model.model.layers.0.self_attn.q_proj.lora_A.weight
     # PEFT: base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight

@@ -148,3 +148,23 @@ def write_stage1(hf, d, base_dir, clip_dir):
         _name_or_path=base_dir, model_type="llava", mm_vision_tower=clip_dir, mm_hidden_size=64,
         mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2))
     return d
+
+
+def write_lora(hf, d, clip_dir, adapters, r, alpha):
+    """liuhaotian/llava-v1.5-7b-lora (llava-recipe.md §6): config.json, PEFT adapter_config.json + adapter_model.bin
+    (keys base_model.model.<LLaMA key with .lora_A/.lora_B>), and the projector in non_lora_trainables.bin (keys
+    base_model.model.model.mm_projector.*). adapters: {LLaMA weight key: (A (r, in), B (out, r))}."""
+    os.makedirs(d, exist_ok=True)
+    _, projector, _ = _parts(hf)
+    torch.save({"base_model.model.model.mm_projector." + k: v for k, v in projector.items()},
+               os.path.join(d, "non_lora_trainables.bin"))
+    torch.save({"base_model.model." + k.replace(".weight", f".lora_{ab}.weight"): t for k, pair in adapters.items()
+                for ab, t in zip("AB", pair)}, os.path.join(d, "adapter_model.bin"))
+    _json(os.path.join(d, "adapter_config.json"), dict(peft_type="LORA", task_type="CAUSAL_LM", r=r, lora_alpha=alpha,
+                                                       lora_dropout=0.05, bias="none",
+                                                       base_model_name_or_path="lmsys/vicuna-7b-v1.5"))
+    _json(os.path.join(d, "config.json"), _llama_config(hf) | dict(
+        _name_or_path="lmsys/vicuna-7b-v1.5", architectures=["LlavaLlamaForCausalLM"], model_type="llava",
+        mm_vision_tower=clip_dir, mm_hidden_size=64, mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2,
+        mm_vision_select_feature="patch", image_aspect_ratio="pad", mm_use_im_start_end=False))
+    return d

@@ -11,7 +11,8 @@ import torch
 
 from checkpoint import CheckpointError, read_safetensors, write_safetensors
 from conftest import ROOT
-from hf_fixtures import (hf_llava, write_clip, write_liuhaotian, write_llama, write_llava_hf, write_stage1)
+from hf_fixtures import (hf_llava, to_hf_ids, write_clip, write_liuhaotian, write_llama, write_llava_hf,
+                         write_lora, write_stage1)
 from model import IMAGE_TOKEN_INDEX as IMG, Llava
 
 IDS = torch.tensor([[1, 10, 11, IMG, 12, 13, 14]])
@@ -49,6 +50,41 @@ def test_every_layout_gives_identical_logits(exact_attention, layouts, name):
     if name != "published":                    # and bitwise the same as every other layout
         p = Llava.from_pretrained(d["published"], device="cpu", dtype=torch.float32)
         assert torch.equal(got, p(IDS, px))
+
+
+def test_the_official_lora_layout_loads_on_its_base_with_the_adapters_merged(exact_attention, layouts, tmp_path):
+    """liuhaotian/llava-v1.5-7b-lora: on its base LLM (model_base, as the official loader needs), the projector from
+    non_lora_trainables.bin, each adapter merged as W + (alpha / r) B A; against transformers with those sums made
+    by hand."""
+    d, px, _ = layouts
+    g = torch.Generator().manual_seed(3)
+    shapes = {"model.layers.0.self_attn.q_proj.weight": (64, 64), "model.layers.1.self_attn.v_proj.weight": (32, 64),
+              "model.layers.1.mlp.down_proj.weight": (64, 128)}
+    adapters = {k: (torch.randn(2, n_in, generator=g) * 0.1, torch.randn(n_out, 2, generator=g) * 0.1)
+                for k, (n_out, n_in) in shapes.items()}
+    lora = write_lora(hf_llava(), str(tmp_path / "llava-v1.5-lora"), d["clip"], adapters, r=2, alpha=6)
+    hf = hf_llava()                                      # the fixture's weights, the adapters added by hand
+    params = dict(hf.named_parameters())
+    with torch.no_grad():
+        for k, (a, b) in adapters.items():
+            params["model.language_model." + k[len("model."):]].add_(3 * (b @ a))
+        ref = hf(input_ids=torch.tensor([to_hf_ids(IDS[0].tolist())]), pixel_values=px).logits
+    with pytest.raises(CheckpointError, match="base LLM 'lmsys/vicuna-7b-v1.5' is not a local directory; pass "
+                                             "model_base"):
+        Llava.from_pretrained(lora, device="cpu")
+    m = Llava.from_pretrained(lora, model_base=d["base"], device="cpu", dtype=torch.float32)
+    assert m.cfg.conv_template == "vicuna_v1" and m.tokenizer_path is None      # (the fixture's base has none)
+    with torch.no_grad():
+        assert (m(IDS, px) - ref).abs().max() <= 1e-5
+
+
+def test_an_adapter_that_does_not_fit_the_model_is_one_line(layouts, tmp_path):
+    d, _, _ = layouts
+    lora = write_lora(hf_llava(), str(tmp_path / "lora"), d["clip"], {"model.layers.5.self_attn.q_proj.weight": (
+        torch.zeros(2, 64), torch.zeros(64, 2))}, r=2, alpha=4)                  # the fixture has 2 layers
+    with pytest.raises(CheckpointError, match=r"adapter_model\.bin: adapter for language_model\.model\.layers\.5\."
+                                             r"self_attn\.q_proj\.weight does not fit the model"):
+        Llava.from_pretrained(lora, model_base=d["base"], device="cpu")
 
 
 def test_layout_configs(layouts):
