@@ -71,7 +71,7 @@ def build_parser():
     p.add_argument("-p", "--prompt", default=None, help="ask one question, print the answer, exit")
     p.add_argument("--model", default="models/shapes-llava", help="default: the bundled tiny Shapes LLaVA")
     p.add_argument("--vision-tower", default=None, help="the CLIP dir, for checkpoints that do not include it")
-    p.add_argument("--model-base", default=None, help="the base LLM, for a stage-1 (projector only) dir")
+    p.add_argument("--model-base", default=None, help="the base LLM, for a stage-1 (projector only) or LoRA dir")
     p.add_argument("--conv-mode", default=None, choices=sorted(CONV_TEMPLATES),
                    help="default: the template the checkpoint was trained with")
     p.add_argument("--temperature", type=number(0), default=0.2, help="0 is greedy (default 0.2, as the official CLI)")

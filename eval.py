@@ -138,7 +138,7 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="models/shapes-llava")
     p.add_argument("--vision-tower", default=None, help="the CLIP dir, for checkpoints that do not include it")
-    p.add_argument("--model-base", default=None, help="the base LLM, for a stage-1 (projector only) dir")
+    p.add_argument("--model-base", default=None, help="the base LLM, for a stage-1 (projector only) or LoRA dir")
     p.add_argument("--questions", default="data/shapes/eval.jsonl")
     p.add_argument("--image-folder", default="data/shapes")
     p.add_argument("--answers", default=None, help="default: output/<model name>/answers[-blind].jsonl")
