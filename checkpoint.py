@@ -342,7 +342,7 @@ def merge_adapters(model, path):
         name = half and liuhaotian_key(key.replace("base_model.model.", "", 1).replace(half, ".", 1))
         if name is None:
             raise CheckpointError(f"{files[0]}: unexpected key {key}")
-        pairs.setdefault(name, {})[half[6]] = t                        # {"A": (r, in), "B": (out, r)}
+        pairs.setdefault(name, {})["A" if half == ".lora_A." else "B"] = t      # A (r, in), B (out, r)
     params = dict(model.named_parameters())
     for name, ab in pairs.items():
         w = params.get(name)
