@@ -393,6 +393,12 @@ def save_projector(model, directory, model_base, vision_tower):
     sd = {"mm_projector." + k: v.detach().cpu().contiguous() for k, v in model.mm_projector.state_dict().items()}
     write_safetensors(sd, os.path.join(directory, "mm_projector.safetensors"))
     torch.save({"model." + k: v for k, v in sd.items()}, os.path.join(directory, "mm_projector.bin"))
+    write_llava_config(model, directory, model_base, vision_tower, tune_mm_mlp_adapter=True)
+
+
+def write_llava_config(model, directory, model_base, vision_tower, **extra):
+    """The official-style config.json of a dir that holds only part of a LLaVA (a stage-1 projector, LoRA
+    adapters): the base LLM's config plus model.cfg's mm_* settings, the base LLM and CLIP named relative to it."""
     c = model.cfg
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(read_json(os.path.join(model_base, "config.json")) | dict(
@@ -400,7 +406,7 @@ def save_projector(model, directory, model_base, vision_tower):
             mm_vision_tower=os.path.relpath(vision_tower, directory), mm_hidden_size=c.vision.hidden_size,
             mm_projector_type=c.projector_type, mm_vision_select_layer=c.vision_feature_layer,
             mm_vision_select_feature=c.vision_feature_select, image_aspect_ratio=c.image_aspect_ratio,
-            mm_use_im_start_end=False, mm_use_im_patch_token=False, tune_mm_mlp_adapter=True), f, indent=2)
+            mm_use_im_start_end=False, mm_use_im_patch_token=False) | extra, f, indent=2)
 
 
 # ------------------------------------------------------------------------------- resumable training snapshots

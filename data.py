@@ -266,8 +266,8 @@ def sample_problems(s, template="vicuna_v1", image_folder=None):
     if template == "plain" and len(conv) != 2:
         problems.append("a stage-1 (plain) sample needs exactly 2 turns")
     # (a sample with problems is refused anyway, so it is not listed as unreadable too)
-    readable = t.plain or bool(problems) or split_rounds(t.prompt(official_messages(conv, "image" in s)[0]), t)
-    return problems, len(text), readable is not None
+    return problems, len(text), (t.plain or bool(problems) or
+                                 split_rounds(t.prompt(official_messages(conv, "image" in s)[0]), t) is not None)
 
 
 def scan_json(path, template="vicuna_v1", image_folder=None):

@@ -13,7 +13,7 @@ import os
 import torch
 import torch.nn as nn
 
-from checkpoint import write_safetensors
+from checkpoint import write_llava_config, write_safetensors
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -68,12 +68,9 @@ def save_adapter(model, directory, r, alpha, dropout, base_path=""):
     os.makedirs(directory, exist_ok=True)
     src = os.path.join(base_path, "config.json") if base_path else ""
     c = json.load(open(src)) if src and os.path.exists(src) else {}
-    if "mm_vision_tower" in c and "_name_or_path" in c:          # a stage-1 dir names them relative to itself
-        moved = lambda p: os.path.relpath(os.path.join(base_path, p), directory) if os.path.isdir(
-            os.path.join(base_path, p)) else p
-        with open(os.path.join(directory, "config.json"), "w") as f:
-            json.dump(c | dict(_name_or_path=moved(c["_name_or_path"]), mm_vision_tower=moved(c["mm_vision_tower"]),
-                               image_aspect_ratio=model.cfg.image_aspect_ratio, tune_mm_mlp_adapter=False), f, indent=2)
+    llm, clip = (os.path.join(base_path, c.get(k, "")) for k in ("_name_or_path", "mm_vision_tower"))  # relative to it
+    if {"_name_or_path", "mm_vision_tower"} <= set(c) and os.path.isdir(llm) and os.path.isdir(clip):
+        write_llava_config(model, directory, llm, clip, tune_mm_mlp_adapter=False)
     sd = {k: v for k, v in model.state_dict().items() if "lora_" in k}
     # ours: language_model.model.layers.0.self_attn.q_proj.lora_A.weight
     # PEFT: base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
