@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -84,6 +85,16 @@ def widen(x, values, n, fill=None):
                          for row, vrow in zip(x.tolist(), values.tolist())], device=x.device)
 
 
+class Rows(dict):
+    """One config's results, each row printed as it is measured: a compiled 7B run takes minutes, and one stopped
+    early (Ctrl-C, or `timeout`'s SIGTERM) has printed, and writes to --out, every row it finished."""
+    def __setitem__(self, k, v):
+        super().__setitem__(k, v)
+        (a, b), fmt = v, lambda x: "-" if x is None else f"{x:.3g}"
+        ratio = f"{a / b:.2f}x" if a is not None and b else ""
+        print(f"{k:34} {fmt(a):>10} {fmt(b):>13} {ratio:>8}", flush=True)
+
+
 # --------------------------------------------------------------------------------------------------- timing
 def sync(device):
     if device.type == "cuda":
@@ -131,14 +142,13 @@ def prompts(c, batch, text_len, device, seed=0, ragged=False):
 
 
 # ------------------------------------------------------------------------------------------------- measures
-def bench_inference(ours, hf, image_token, args, device, dtype):
+def bench_inference(ours, hf, image_token, args, device, dtype, r):
     c, N = ours.cfg, ours.cfg.image_tokens
     _, text_len, new_tokens, _ = CONFIGS[args.config]
     S = c.vision.image_size
     pix = torch.randn(1, 3, S, S, device=device, dtype=dtype)
     ids, mask = prompts(c, 1, text_len, device)
     hids = widen(ids, ids, N, image_token)
-    r = {}
 
     def gen(x, px, m, n):                       # eos -1: never stop early, every run makes n tokens
         return ours.generate(x, px, attention_mask=m, max_new_tokens=n, eos_token_id=-1)
@@ -180,10 +190,9 @@ def bench_inference(ours, hf, image_token, args, device, dtype):
                 peak_memory(lambda: gen(ids, pix, mask, new_tokens)),
                 peak_memory(lambda: hf.generate(input_ids=hids, pixel_values=pix, do_sample=False,
                                                 max_new_tokens=new_tokens, pad_token_id=0)))
-    return r
 
 
-def bench_training(ours, hf, image_token, args, device, dtype):
+def bench_training(ours, hf, image_token, args, device, dtype, r):
     """One optimizer step of stage 1 (projector learns; gradients still flow through the frozen LLM) and of
     stage 2 (projector + LLM learn, or with --lora the adapters), on the same batch and set up as train.py sets
     them up (on CUDA bf16 autocast, trainable weights kept in fp32); tokens/s counts every LLM position. hf None:
@@ -203,7 +212,6 @@ def bench_training(ours, hf, image_token, args, device, dtype):
     cuda = device.type == "cuda"
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     peak = train.peak_bf16(device)
-    r = {}
     for stage in (1, 2):
         res = []
         # ours as train.py calls it: no (B, T, V) logits, the vocab projection only where a label is
@@ -251,7 +259,6 @@ def bench_training(ours, hf, image_token, args, device, dtype):
             r[f"stage {stage} peak memory (GiB)"] = (res[0][1], res[1][1])
         if peak:
             r[f"stage {stage} MFU"] = (res[0][2], res[1][2])
-    return r
 
 
 def bench_load(path):
@@ -305,30 +312,31 @@ def main(argv=None):
     logging.set_verbosity_error()
     machine = (torch.cuda.get_device_name() if device.type == "cuda" else
                f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    results = {}
-    for name in args.config or ["tiny", "100m"]:
-        args.config = name
-        ours, hf, image_token = build(name, device, dtype, with_hf=args.only != "training")
-        if args.compile:
-            ours.compile_inference()        # compiled on first use: timed()'s warm-up run pays for it
-        n = sum(p.numel() for p in ours.parameters())
-        r = {} if args.only == "training" else bench_inference(ours, hf, image_token, args, device, dtype)
-        if args.only != "inference":
-            r |= bench_training(ours, hf, image_token, args, device, dtype)
-        results[name] = dict(parameters=n, results=r)
-        print(f"\n{name}: {n / 1e6:.1f}M parameters, {args.dtype}, {machine}, torch {torch.__version__}")
-        print(f"{'':34} {'ours':>10} {'transformers':>13} {'ours/HF':>8}"
-              + ("   (ours: compiled for generation; transformers: eager)" if args.compile else ""))
-        for k, (a, b) in r.items():
-            fa = "-" if a is None else f"{a:.3g}"
-            fb = "-" if b is None else f"{b:.3g}"
-            ratio = f"{a / b:.2f}x" if a is not None and b else ""
-            print(f"{k:34} {fa:>10} {fb:>13} {ratio:>8}")
-        del ours, hf
+    signal.signal(signal.SIGTERM, signal.default_int_handler)      # `timeout`'s SIGTERM stops it as Ctrl-C does
+    results, code = {}, 0
+    try:
+        for name in args.config or ["tiny", "100m"]:
+            args.config = name
+            ours, hf, image_token = build(name, device, dtype, with_hf=args.only != "training")
+            if args.compile:
+                ours.compile_inference()        # compiled on first use: timed()'s warm-up run pays for it
+            n = sum(p.numel() for p in ours.parameters())
+            print(f"\n{name}: {n / 1e6:.1f}M parameters, {args.dtype}, {machine}, torch {torch.__version__}")
+            print(f"{'':34} {'ours':>10} {'transformers':>13} {'ours/HF':>8}"
+                  + ("   (ours: compiled for generation; transformers: eager)" if args.compile else ""))
+            results[name] = dict(parameters=n, results=(r := Rows()))
+            if args.only != "training":
+                bench_inference(ours, hf, image_token, args, device, dtype, r)
+            if args.only != "inference":
+                bench_training(ours, hf, image_token, args, device, dtype, r)
+            del ours, hf
+    except KeyboardInterrupt:
+        print(f"interrupted: {args.out} holds the rows measured so far", file=sys.stderr)
+        code = 130
     with open(args.out, "w") as f:
         json.dump(dict(machine=machine, torch=torch.__version__, date=time.strftime("%Y-%m-%d"), argv=sys.argv[1:],
                        results=results), f, indent=1)
-    return 0
+    return code
 
 
 if __name__ == "__main__":

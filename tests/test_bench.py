@@ -69,3 +69,24 @@ def test_a_bad_load_path_or_out_is_one_line_and_exit_2(tmp_path):
                         f"{tmp_path / 'a-file'}: not a directory this process can write to")]:
         r = subprocess.run([sys.executable, "bench.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and r.stderr == f"error: {said}\n" and r.stdout == "", (argv, r.stderr)
+
+
+def test_a_stopped_run_keeps_the_rows_it_measured(tmp_path):
+    """`timeout`'s SIGTERM (a GPU lease ending, say) mid-run: the rows already printed are in --out, exit 130."""
+    import signal
+    out = tmp_path / "bench.json"
+    p = subprocess.Popen([sys.executable, "bench.py", "--config", "tiny", "--iters", "200", "--out", str(out)],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    printed = []
+    for line in p.stdout:                       # rows come as they are measured, not all at the end
+        printed.append(line)
+        if line.startswith("image encoding"):   # the second row; 200 iterations of each later row take a while
+            p.send_signal(signal.SIGTERM)
+            break
+    rest, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-3000:]
+    assert f"interrupted: {out} holds the rows measured so far" in err
+    res = json.load(open(out))["results"]["tiny"]["results"]
+    assert list(res)[:2] == ["max |logit diff| vs HF", "image encoding (ms)"]
+    assert "decode, batch 8 (tok/s)" not in res and "stage 1 train step (tok/s)" not in res
+    assert all(k in "".join(printed) + rest for k in res)     # every row written was printed first
