@@ -312,7 +312,6 @@ def main(argv=None):
     logging.set_verbosity_error()
     machine = (torch.cuda.get_device_name() if device.type == "cuda" else
                f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    signal.signal(signal.SIGTERM, signal.default_int_handler)      # `timeout`'s SIGTERM stops it as Ctrl-C does
     results, code = {}, 0
     try:
         for name in args.config or ["tiny", "100m"]:
@@ -340,4 +339,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)   # `timeout`'s SIGTERM stops a run as Ctrl-C does
     sys.exit(main())
