@@ -200,14 +200,18 @@ def validate(model, loader, device, ctx, world):
 
 def export(model, cfg, tok_path):
     """Stage 1: the projector, as ours and as the official mm_projector.bin + config.json. Stage 2: the merged
-    model in our format (from_pretrained and chat.py load it), and a LoRA run's adapter on its own."""
+    model in our format (from_pretrained and chat.py load it), and a LoRA run's adapter on its own. Weights are
+    written in the dtype the run loaded them in (bf16 on a GPU: the official outputs are 16-bit, and a 7B model's
+    fp32 masters would double its size; fp32 on a CPU), the model cast in place; the adapter stays fp32 (small)."""
+    dtype = next(model.vision_tower.parameters()).dtype        # frozen in every stage: never an fp32 master
     if cfg.stage == 1:
+        model.mm_projector.to(dtype)
         return save_projector(model, cfg.out, cfg.model_base, cfg.vision_tower)
     if cfg.lora:
         save_adapter(model, os.path.join(cfg.out, "adapter"), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                      base_path=cfg.projector)
         merge_lora(model.language_model)
-    model.save_pretrained(cfg.out, tokenizer_path=tok_path)
+    model.to(dtype).save_pretrained(cfg.out, tokenizer_path=tok_path)
 
 
 def plot(metrics, path):
@@ -230,6 +234,10 @@ def peak_bf16(device):                        # dense bf16 FLOP/s by datasheet, 
     peaks = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "RTX 4090": 165e12}
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     return next((v for k, v in peaks.items() if k in gpu), None)
+
+
+def autocast_dtype(device):       # bf16 autocast where the GPU has it; fp16 with loss scaling where not; none on a CPU
+    return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if device.type == "cuda" else None
 
 
 def train(cfg: TrainConfig):
@@ -281,10 +289,9 @@ def _train(cfg: TrainConfig):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # `--tf32 True`
     master = rank == 0
     torch.manual_seed(cfg.seed)
-    # bf16 autocast where the GPU has it; fp16 with loss scaling where not; fp32 on the CPU
-    amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
-    ctx = torch.autocast("cuda", dtype=amp) if amp else contextlib.nullcontext()
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    amp = autocast_dtype(device)
+    ctx = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     check(cfg, world)
     A = cfg.batch_size // (cfg.micro_batch * world)          # gradient accumulation steps
     name, ckpt_dir, log_dir = run_dirs(cfg)

@@ -377,6 +377,44 @@ def test_compiled_blocks_train_as_eager_ones(tiny):
     torch.testing.assert_close(b["val"][-1]["loss"], a["val"][-1]["loss"], rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_the_gpu_precision_path_runs_on_a_cpu(tiny, amp, monkeypatch):
+    """On a GPU train.py loads the weights in 16 bits, keeps fp32 masters of what learns, runs under autocast (bf16;
+    fp16 with a GradScaler where a GPU lacks bf16) and exports in 16 bits. CI has no GPU, but autocast and the
+    GradScaler work on a CPU too: the same code runs here with only autocast_dtype's answer changed."""
+    monkeypatch.setattr(train, "autocast_dtype", lambda device: amp)
+    name = str(amp).split(".")[1]
+    cfg = train.parse_args(args(tiny, 1, f"{name}-s1", max_steps=3))
+    model = train.train(cfg)
+    torch.manual_seed(cfg.seed)
+    start = train.build_model(cfg, torch.device("cpu"), amp).state_dict()
+    for k, v in model.state_dict().items():
+        learns = k.startswith("mm_projector.")
+        assert v.dtype == (torch.float32 if learns else amp), k
+        assert torch.equal(v, start[k]) != learns, f"{k}: {'did not learn' if learns else 'changed in stage 1'}"
+    assert all(math.isfinite(m["loss"]) for m in model.metrics["train"] + model.metrics["val"])
+    train.export(model, cfg, model.tokenizer_path)
+    assert {v.dtype for v in torch.load(tiny / f"{name}-s1" / "mm_projector.bin").values()} == {amp}
+    # stage 2 from that projector: stopped and resumed (the GradScaler's state with it), then exported in 16 bits
+    common = dict(projector=tiny / f"{name}-s1", max_steps=4, eval_every=4)
+    model = train.train(train.parse_args(args(tiny, 2, f"{name}-whole", **common)))
+    assert train.main(args(tiny, 2, f"{name}-split", stop_after=2, **common)) == 130
+    assert train.main(args(tiny, 2, f"{name}-split", resume=True, **common)) == 0
+    whole, split = model.metrics, metrics(tiny, f"{name}-split")
+    assert [m["loss"] for m in split["train"]] == [m["loss"] for m in whole["train"]]
+    assert all(math.isfinite(m["loss"]) for m in whole["train"] + whole["val"])
+    cfg = train.parse_args(args(tiny, 2, f"{name}-whole", **common))
+    train.export(model, cfg, model.tokenizer_path)
+    from safetensors import safe_open
+    with safe_open(str(tiny / f"{name}-whole" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16" if amp == torch.bfloat16 else "F16"}
+    loaded = Llava.from_pretrained(str(tiny / f"{name}-whole"), dtype=amp, device="cpu")
+    ids, img = torch.tensor([[1, 5, -200, 7, 9]]), torch.randn(1, 3, 72, 72, dtype=amp)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, img), model(ids, img))
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])     # Ctrl-C; a job scheduler's notice
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(tiny, sig):
     cmd = [sys.executable, "train.py"] + args(tiny, 2, sig.name, max_steps=10000, num_workers=1)
