@@ -285,6 +285,9 @@ def load_llava(cls, path, vision_tower=None, dtype=None, device=None, model_base
     lora = os.path.exists(os.path.join(path, "adapter_config.json"))
     if d.get("format") == "llava-from-scratch":                        # ours
         cfg, sources = config_from(cfg_path, lambda: LlavaConfig.from_dict(d)), [(weight_files(path), lambda k: k)]
+    elif d.get("model_type") in ("clip", "clip_vision_model"):         # (it has a vision_config too)
+        raise CheckpointError(f"{path}: a CLIP checkpoint, not a LLaVA; it is a vision tower: pass it as "
+                              f"vision_tower (`train.py --stage 1 --vision-tower`)")
     elif "text_config" in d or "vision_config" in d:                   # llava-hf
         cfg, sources = config_from(cfg_path, lambda: llava_hf_config(d, LlavaConfig)), [(weight_files(path),
                                                                                            llava_hf_key)]

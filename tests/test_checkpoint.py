@@ -230,6 +230,8 @@ def test_not_a_checkpoint(layouts, tmp_path):
         Llava.from_pretrained(str(tmp_path))
     with pytest.raises(CheckpointError, match="a plain LLaMA checkpoint"):
         Llava.from_pretrained(d["base"])
+    with pytest.raises(CheckpointError, match="a CLIP checkpoint, not a LLaVA"):     # was: "unexpected key ..."
+        Llava.from_pretrained(d["clip"])
 
 
 @pytest.mark.parametrize("layout,where,edit,message", [
