@@ -137,14 +137,17 @@ def weight_files(d):
     raise CheckpointError(f"{d}: no model.safetensors, pytorch_model.bin or shard index")
 
 
-def read_json(path):
+def read_json(path):                      # every JSON file of a checkpoint holds one object
     try:
         with open(path) as f:
-            return json.load(f)
+            d = json.load(f)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
     except ValueError as e:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return d
 
 
 # -------------------------------------------------------------------------------------- key maps per layout
@@ -244,10 +247,19 @@ def config_from(path, make):
         raise CheckpointError(f"{path}: {e}") from None
 
 
+def of_type(path, types, what):
+    """A dir's config.json, refused in one line if it names another kind of model (CLIP and LLM dirs swapped)."""
+    d = read_json(os.path.join(path, "config.json"))
+    if d.get("model_type", types[0]) not in types:
+        raise CheckpointError(f"{path}: a {d['model_type']} checkpoint, not {what}")
+    return d
+
+
 def clip_config(d):
     pre = os.path.join(d, "preprocessor_config.json")
     return config_from(os.path.join(d, "config.json"), lambda: VisionConfig.from_hf(
-        read_json(os.path.join(d, "config.json")), read_json(pre) if os.path.exists(pre) else None))
+        of_type(d, ("clip", "clip_vision_model"), "a CLIP (the vision tower)"),
+        read_json(pre) if os.path.exists(pre) else None))
 
 
 def liuhaotian_config(d, vision, config_cls, conv_template):
@@ -359,7 +371,8 @@ def load_components(cls, llm_dir, vision_dir, projector_type="mlp2x_gelu", dtype
     """Stage 1's starting point: a base LLM (HF LLaMA/Vicuna dir) and a vision tower (HF CLIP dir), each from
     its own checkpoint, and a freshly initialised projector between them."""
     from model import LlavaConfig, default_device, default_dtype
-    d, vision = read_json(cfg_path := os.path.join(llm_dir, "config.json")), clip_config(vision_dir)
+    d, vision = of_type(llm_dir, ("llama",), "a LLaMA (the base LLM)"), clip_config(vision_dir)
+    cfg_path = os.path.join(llm_dir, "config.json")
     cfg = config_from(cfg_path, lambda: LlavaConfig(vision=vision, text=LlamaConfig.from_hf(d),
                                                     projector_type=projector_type, **kw))
     device = device or default_device()

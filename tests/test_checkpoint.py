@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from checkpoint import CheckpointError, read_safetensors, write_safetensors
+from checkpoint import CheckpointError, load_components, read_safetensors, write_safetensors
 from conftest import ROOT
 from hf_fixtures import (hf_llava, to_hf_ids, write_clip, write_liuhaotian, write_llama, write_llava_hf,
                          write_lora, write_stage1)
@@ -232,6 +232,14 @@ def test_not_a_checkpoint(layouts, tmp_path):
         Llava.from_pretrained(d["base"])
     with pytest.raises(CheckpointError, match="a CLIP checkpoint, not a LLaVA"):     # was: "unexpected key ..."
         Llava.from_pretrained(d["clip"])
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="config.json: not a JSON object"):      # was: an AttributeError
+        Llava.from_pretrained(str(tmp_path))
+    # stage 1's two starting dirs swapped: named as what they are, not an unexpected or missing key
+    with pytest.raises(CheckpointError, match=f"^{re.escape(d['clip'])}: a clip checkpoint, not a LLaMA"):
+        load_components(Llava, d["clip"], d["base"])
+    with pytest.raises(CheckpointError, match=f"^{re.escape(d['base'])}: a llama checkpoint, not a CLIP"):
+        load_components(Llava, d["base"], d["base"])
 
 
 @pytest.mark.parametrize("layout,where,edit,message", [
