@@ -480,6 +480,25 @@ def test_ddp_two_processes_match_one(tiny):
     assert (d > 1e-6).float().mean() < 1e-3 and d.max() < 0.1 * common["lr"]
 
 
+def test_a_run_stopped_on_two_processes_resumes_on_one(tiny):
+    """A job preempted on 8 GPUs may come back on 4: a snapshot holds the step, and each step's global batch is
+    the same samples on any number of processes, so the run continues as if it had never been split."""
+    common = dict(max_steps=4, lr=1e-3, eval_every=4, micro_batch=2)
+    assert train.main(args(tiny, 2, "one-throughout", **common)) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"] + args(
+        tiny, 2, "two-then-one", stop_after=2, **common)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert "stopped at step 2/4: checkpoint saved" in r.stderr, r.stderr[-3000:]
+    assert train.main(args(tiny, 2, "two-then-one", resume=True, **common)) == 0
+    one, split = metrics(tiny, "one-throughout"), metrics(tiny, "two-then-one")
+    assert len(split["train"]) == 4
+    # the first two steps summed their gradients over two processes: the same up to rounding (as above)
+    torch.testing.assert_close([m["loss"] for m in split["train"]], [m["loss"] for m in one["train"]], rtol=1e-5,
+                               atol=0)
+    torch.testing.assert_close(split["val"][-1]["loss"], one["val"][-1]["loss"], rtol=1e-5, atol=0)
+
+
 def test_eval_writes_official_answers(tiny, capsys):
     import eval as evaluate
     ans = tiny / "answers.jsonl"
