@@ -171,8 +171,8 @@ def main(argv=None):
             print(f"continuing from {partial}: {len(done)} of {len(questions)} answered", file=sys.stderr)
         model, tok = load_model(args)
         template = args.conv_mode or model.cfg.conv_template
-        prompts, answers = answer(model, tok, questions, args.image_folder, template, args.batch_size,
-                                  args.max_new_tokens, args.blind, done, partial)
+        _, answers = answer(model, tok, questions, args.image_folder, template, args.batch_size,
+                            args.max_new_tokens, args.blind, done, partial)
     except (DataError, CheckpointError) as e:     # a bad image mid-run: the answers so far are kept too
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -180,11 +180,11 @@ def main(argv=None):
         kept = f"the answers so far are in {partial}; " if os.path.exists(partial) else ""
         print(f"\ninterrupted: {kept}the same command continues", file=sys.stderr)
         return 130
-    with open(path, "w") as f:
-        for q, pr, a in zip(questions, prompts, answers):
+    with open(path, "w") as f:                     # "prompt" is the question's text, as model_vqa_loader.py
+        for q, a in zip(questions, answers):       # writes it (cur_prompt = line["text"]), not the templated prompt
             aid = hashlib.sha1(f"{name}:{q['question_id']}:{a}".encode()).hexdigest()[:22]
-            f.write(json.dumps(dict(question_id=q["question_id"], prompt=pr, text=a, answer_id=aid, model_id=name,
-                                    metadata={})) + "\n")
+            f.write(json.dumps(dict(question_id=q["question_id"], prompt=q["text"], text=a, answer_id=aid,
+                                    model_id=name, metadata={})) + "\n")
     os.remove(partial)                             # every answer is in `path` now
     scores = score(questions, answers)
     if scores:

@@ -509,7 +509,7 @@ def test_eval_writes_official_answers(tiny, capsys):
     answers = [json.loads(line) for line in open(ans)]
     assert [a["question_id"] for a in answers] == [x["question_id"] for x in questions]
     assert all(set(a) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"} for a in answers)
-    assert all(a["prompt"] == "<image>" for a in answers)       # `plain`: a stage-1 model only captions
+    assert [a["prompt"] for a in answers] == [x["text"] for x in questions]   # model_vqa_loader.py's cur_prompt
     acc = json.load(open(tiny / "answers-accuracy.json"))
     assert {"overall", "count"} <= set(acc) and acc["overall"]["n"] == len(questions)
     assert "overall:" in capsys.readouterr().out
@@ -523,9 +523,14 @@ def test_eval_writes_official_answers(tiny, capsys):
     assert evaluate.main(["--model", str(tiny / "stage1"), "--questions", str(q), "--image-folder",
                           str(tiny / "world"), "--answers", str(tiny / "v1.jsonl"), "--conv-mode", "vicuna_v1",
                           "--max-new-tokens", "4"]) == 0
-    for a, x in zip([json.loads(line) for line in open(tiny / "v1.jsonl")], questions):
-        assert a["prompt"].startswith("A chat between") and a["prompt"].endswith(f"USER: <image>\n{x['text']} "
-                                                                                 "ASSISTANT:")
+    # what the model was asked: the checkpoint's template (`plain`: a stage-1 model only captions), or --conv-mode's
+    model = Llava.from_pretrained(str(tiny / "stage1"), dtype=torch.float32, device="cpu")
+    tok = Tokenizer(model.tokenizer_path)
+    plain, _ = evaluate.answer(model, tok, questions, str(tiny / "world"), "plain", max_new_tokens=1)
+    v1, _ = evaluate.answer(model, tok, questions, str(tiny / "world"), "vicuna_v1", max_new_tokens=1)
+    assert plain == ["<image>"] * len(questions)
+    assert all(p.startswith("A chat between") and p.endswith(f"USER: <image>\n{x['text']} ASSISTANT:")
+               for p, x in zip(v1, questions))
 
 
 @pytest.mark.parametrize("case", ["not JSON", "no question_id", "null image", "numeric text", "missing image",
@@ -560,7 +565,11 @@ def test_eval_a_literal_image_tag_in_a_question_is_text(tiny):
     import eval as evaluate
     assert evaluate.main(["--model", str(tiny / "stage1"), "--questions", str(q), "--image-folder", str(tiny / "world"),
                           "--answers", str(tiny / "tag.out"), "--max-new-tokens", "4", "--conv-mode", "vicuna_v1"]) == 0
-    assert [json.loads(line)["prompt"].count("<image>") for line in open(tiny / "tag.out")] == [2, 1]
+    assert [json.loads(line)["prompt"] for line in open(tiny / "tag.out")] == ["Is <image> a tag?"] * 2
+    model = Llava.from_pretrained(str(tiny / "stage1"), dtype=torch.float32, device="cpu")
+    prompts, _ = evaluate.answer(model, Tokenizer(model.tokenizer_path), [json.loads(x) for x in open(q)],
+                                 str(tiny / "world"), "vicuna_v1", max_new_tokens=1)
+    assert [p.count("<image>") for p in prompts] == [2, 1]      # the image's own, and the question's literal one
 
 
 def test_eval_continues_an_interrupted_run(tiny, monkeypatch, capsys):
