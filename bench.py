@@ -210,7 +210,8 @@ def bench_training(ours, hf, image_token, args, device, dtype, r):
     hx, hl = widen(x, x, N, image_token), widen(x, labels, N, -100)
     tokens = B * hx.shape[1]
     cuda = device.type == "cuda"
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    amp = train.autocast_dtype(device)                   # train.py's precision choice: on a CPU, none
+    ctx = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
     peak = train.peak_bf16(device)
     for stage in (1, 2):
         res = []

@@ -397,13 +397,13 @@ def test_the_gpu_precision_path_runs_on_a_cpu(tiny, amp, monkeypatch):
     assert {v.dtype for v in torch.load(tiny / f"{name}-s1" / "mm_projector.bin").values()} == {amp}
     # stage 2 from that projector: stopped and resumed (the GradScaler's state with it), then exported in 16 bits
     common = dict(projector=tiny / f"{name}-s1", max_steps=4, eval_every=4)
-    model = train.train(train.parse_args(args(tiny, 2, f"{name}-whole", **common)))
+    cfg = train.parse_args(args(tiny, 2, f"{name}-whole", **common))
+    model = train.train(cfg)
     assert train.main(args(tiny, 2, f"{name}-split", stop_after=2, **common)) == 130
     assert train.main(args(tiny, 2, f"{name}-split", resume=True, **common)) == 0
     whole, split = model.metrics, metrics(tiny, f"{name}-split")
     assert [m["loss"] for m in split["train"]] == [m["loss"] for m in whole["train"]]
     assert all(math.isfinite(m["loss"]) for m in whole["train"] + whole["val"])
-    cfg = train.parse_args(args(tiny, 2, f"{name}-whole", **common))
     train.export(model, cfg, model.tokenizer_path)
     from safetensors import safe_open
     with safe_open(str(tiny / f"{name}-whole" / "model.safetensors"), "pt") as f:
