@@ -171,9 +171,9 @@ def epoch_order(train_idx, lengths, cfg, epoch):
     return [train_idx[i] for i in torch.randperm(len(train_idx), generator=g).tolist()]
 
 
-def quiet_worker(_):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C reaches the whole process group: the main process
-                                                   # saves a checkpoint, so the data workers must not die first
+def quiet_worker(_):   # Ctrl-C reaches the whole process group, and so do Slurm's SIGTERM at a time limit and
+    for sig in (signal.SIGINT, signal.SIGTERM):    # `timeout`'s: the main process saves a checkpoint, so the data
+        signal.signal(sig, signal.SIG_IGN)         # workers must not die first (they exit when the main one does)
 
 
 def to_device(batch, device):

@@ -417,13 +417,15 @@ def test_the_gpu_precision_path_runs_on_a_cpu(tiny, amp, monkeypatch):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])     # Ctrl-C; a job scheduler's notice
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(tiny, sig):
+    """Both reach the whole process group, the data worker too: a terminal's Ctrl-C does, and so do Slurm's
+    notice at a job's time limit and `timeout`. A worker killed by SIGTERM took the save with it (a traceback)."""
     cmd = [sys.executable, "train.py"] + args(tiny, 2, sig.name, max_steps=10000, num_workers=1)
-    p = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True, bufsize=1)
+    p = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True, bufsize=1, start_new_session=True)
     line = ""
     while "stage 2:" not in line or "1/" not in line:            # the bar shows a finished step
         line = p.stderr.read(64)
         assert line or p.poll() is None, "train.py ended before its first step"
-    p.send_signal(sig)
+    os.killpg(p.pid, sig)                                        # the group: train.py and its data worker
     err = p.stderr.read()
     assert p.wait(timeout=120) == 130, err
     assert "continue with --resume" in err and "Traceback" not in err
