@@ -124,8 +124,9 @@ def build_model(cfg, device, dtype):
     fp32_masters(model)
     model.vision_tower.eval()                      # frozen in every stage, and always run under no_grad
     model.language_model.grad_checkpointing = cfg.grad_checkpointing
-    if cfg.compile:
-        for block in model.language_model.model.layers:
+    if cfg.compile:                                # each decoder block, as torchtitan does: the splicing stays eager
+        model.shared_prefix = False                # its KV-cache calls would compile once per layer (a list index),
+        for block in model.language_model.model.layers:     # past dynamo's limit of 8: those blocks ran eager
             block.compile(dynamic=True)
     return model
 

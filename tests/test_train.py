@@ -364,14 +364,21 @@ def test_micro_batches_do_not_change_the_run(tiny):
     torch.testing.assert_close(b["val"][-1]["loss"], a["val"][-1]["loss"], rtol=1e-5, atol=0)
 
 
-def test_compiled_blocks_train_as_eager_ones(tiny):
+@pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "grad-checkpointing"])
+def test_compiled_blocks_train_as_eager_ones(tiny, ckpt):
     """--compile (each decoder block compiled, with symbolic shapes) changes the rounding, not the run; with
-    gradient checkpointing the compiled blocks are recomputed in the backward pass."""
-    common = dict(max_steps=3, eval_every=3, grad_checkpointing=True)
-    assert train.main(args(tiny, 2, "eager", **common)) == 0
-    model = train.train(train.parse_args(args(tiny, 2, "compiled", compile=True, **common)))
+    gradient checkpointing the compiled blocks are recomputed in the backward pass. Each block is compiled for
+    training and for validation (grad mode), not once per layer: the shared prefix's KV-cache calls did that, so
+    on the Shapes world (4 blocks) dynamo hit its limit of 8 graphs and ran the rest eager (found on an H200)."""
+    from torch._dynamo.utils import counters
+    common = dict(max_steps=3, eval_every=3) | (dict(grad_checkpointing=True) if ckpt else {})
+    assert train.main(args(tiny, 2, f"eager-{ckpt}", **common)) == 0
+    torch._dynamo.reset()
+    counters.clear()
+    model = train.train(train.parse_args(args(tiny, 2, f"compiled-{ckpt}", compile=True, **common)))
     assert all(block._compiled_call_impl is not None for block in model.language_model.model.layers)
-    a, b = metrics(tiny, "eager"), model.metrics
+    assert counters["stats"]["unique_graphs"] == 2                # training, and validation (no grad)
+    a, b = metrics(tiny, f"eager-{ckpt}"), model.metrics
     for key in ("loss", "grad_norm"):               # measured: within 1.2e-6 of each other
         torch.testing.assert_close([m[key] for m in b["train"]], [m[key] for m in a["train"]], rtol=1e-5, atol=0)
     torch.testing.assert_close(b["val"][-1]["loss"], a["val"][-1]["loss"], rtol=1e-5, atol=0)
