@@ -76,7 +76,7 @@ class TrainConfig:
     lora_dropout: float = 0.05
     group_by_modality: bool = False
     grad_checkpointing: bool = False
-    compile: bool = False
+    compile: bool = False                          # torch.compile each decoder block; no shared prefix (see below)
     eval_every: int = 0                            # steps between validation losses (0: at the end only)
     ckpt_every: int = 100                          # steps between snapshots (0: at the end and on Ctrl-C only)
     num_workers: int = 2
