@@ -422,6 +422,34 @@ def test_the_gpu_precision_path_runs_on_a_cpu(tiny, amp, monkeypatch):
         assert torch.equal(loaded(ids, img), model(ids, img))
 
 
+def test_lora_on_the_gpu_precision_path(tiny, monkeypatch):
+    """The GPU path with --lora, on a CPU as above: the base weights bf16 and unchanged, the adapters and the
+    projector fp32 masters that learn; the export merges into a bf16 model and keeps the adapter in fp32."""
+    monkeypatch.setattr(train, "autocast_dtype", lambda device: torch.bfloat16)
+    cfg = train.parse_args(args(tiny, 1, "lora16-s1", max_steps=2))
+    model = train.train(cfg)
+    train.export(model, cfg, model.tokenizer_path)
+    cfg = train.parse_args(args(tiny, 2, "lora16", projector=tiny / "lora16-s1", max_steps=3, lora=True))
+    model = train.train(cfg)
+    torch.manual_seed(cfg.seed)
+    start = train.build_model(cfg, torch.device("cpu"), torch.bfloat16).state_dict()
+    for k, v in model.state_dict().items():
+        learns = ".lora_" in k or k.startswith("mm_projector.")
+        assert v.dtype == (torch.float32 if learns else torch.bfloat16), k
+        assert torch.equal(v, start[k]) != learns, f"{k}: {'did not learn' if learns else 'changed'}"
+    assert all(math.isfinite(m["loss"]) for m in model.metrics["train"] + model.metrics["val"])
+    train.export(model, cfg, model.tokenizer_path)
+    from safetensors import safe_open
+    for path, dtype in [("model.safetensors", "BF16"), ("adapter/adapter_model.safetensors", "F32")]:
+        with safe_open(str(tiny / "lora16" / path), "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {dtype}, path
+    loaded = Llava.from_pretrained(str(tiny / "lora16"), dtype=torch.bfloat16, device="cpu")
+    ids, img = torch.tensor([[1, 5, -200, 7, 9]]), torch.randn(1, 3, 72, 72, dtype=torch.bfloat16)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, img), model(ids, img))
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])     # Ctrl-C; a job scheduler's notice
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(tiny, sig):
     """Both reach the whole process group, the data worker too: a terminal's Ctrl-C does, and so do Slurm's
