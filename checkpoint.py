@@ -247,6 +247,9 @@ def config_from(path, make):
         raise CheckpointError(f"{path}: {e}") from None
 
 
+CLIP_TYPES = ("clip", "clip_vision_model")     # a CLIP dir's model_type: the whole CLIP, or its vision half
+
+
 def of_type(path, types, what):
     """A dir's config.json, refused in one line if it names another kind of model (CLIP and LLM dirs swapped)."""
     d = read_json(os.path.join(path, "config.json"))
@@ -258,7 +261,7 @@ def of_type(path, types, what):
 def clip_config(d):
     pre = os.path.join(d, "preprocessor_config.json")
     return config_from(os.path.join(d, "config.json"), lambda: VisionConfig.from_hf(
-        of_type(d, ("clip", "clip_vision_model"), "a CLIP (the vision tower)"),
+        of_type(d, CLIP_TYPES, "a CLIP (the vision tower)"),
         read_json(pre) if os.path.exists(pre) else None))
 
 
@@ -297,7 +300,7 @@ def load_llava(cls, path, vision_tower=None, dtype=None, device=None, model_base
     lora = os.path.exists(os.path.join(path, "adapter_config.json"))
     if d.get("format") == "llava-from-scratch":                        # ours
         cfg, sources = config_from(cfg_path, lambda: LlavaConfig.from_dict(d)), [(weight_files(path), lambda k: k)]
-    elif d.get("model_type") in ("clip", "clip_vision_model"):         # (it has a vision_config too)
+    elif d.get("model_type") in CLIP_TYPES:                           # (it has a vision_config too)
         raise CheckpointError(f"{path}: a CLIP checkpoint, not a LLaVA; it is a vision tower: pass it as "
                               f"vision_tower (`train.py --stage 1 --vision-tower`)")
     elif "text_config" in d or "vision_config" in d:                   # llava-hf
