@@ -116,7 +116,7 @@ class KVCache:
         self.length, self.max_len, self.padded = 0, max_len, False      # slots used; any holes in `valid`?
 
     def reserve(self, valid_new):
-        """Claim the next T slots for a chunk of tokens; valid_new (B, T) says which of them are real."""
+        """Claim the next T slots for a chunk of tokens; valid_new (B, T) marks the real ones, which advance pos."""
         start, T = self.length, valid_new.shape[1]
         if start + T > self.max_len:
             raise ValueError(f"KV cache is full: {start} + {T} tokens > max_len {self.max_len}")
@@ -124,6 +124,7 @@ class KVCache:
         self.padded = self.padded or not bool(valid_new.all())
         self.length = start + T
         self.slot.fill_(self.length)
+        self.pos += valid_new.sum(1)
         return start
 
 
@@ -136,9 +137,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=False)
         self.o_proj = nn.Linear(nh * hd, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0, start=0, last=False):
-        B, T, _ = x.shape
-        hd = self.cfg.head_dim
+    def forward(self, x, cos, sin, mask, kv=None, start=0, last=False):
+        # kv: this layer's cache (keys, values), each (B, n_kv, max_len, hd), or None. Not (cache, layer index):
+        # torch.compile would specialise a compiled block on the index, a graph per layer (train.py --compile)
+        (B, T, _), hd = x.shape, self.cfg.head_dim
         # last: a prefill's final block needs its output at the last position only (the next-token logits), but
         # keys and values at every position, for the cache: it saves most of that block's matmuls
         xq, cq, sq = (x[:, -1:], cos[:, -1:], sin[:, -1:]) if last else (x, cos, sin)
@@ -148,14 +150,14 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, -1, hd).transpose(1, 2)           # (B, n_kv, T, hd)
         q, k = apply_rope(q, cq, sq), apply_rope(k, cos, sin)
         if isinstance(start, torch.Tensor):     # Llama.decode: one token into slot `start`, a (1,) tensor, then
-            cache.k[layer].index_copy_(2, start, k)   # attend over all max_len slots, the unfilled ones masked:
-            cache.v[layer].index_copy_(2, start, v)   # shapes that never change, so the step compiles once
-            k, v = cache.k[layer], cache.v[layer]                                # (B, n_kv, max_len, hd)
-        elif cache is not None:                                          # write this chunk, read all so far
-            cache.k[layer][:, :, start:start + T] = k
-            cache.v[layer][:, :, start:start + T] = v
+            kv[0].index_copy_(2, start, k)      # attend over all max_len slots, the unfilled ones masked:
+            kv[1].index_copy_(2, start, v)      # shapes that never change, so the step compiles once
+            k, v = kv                                                            # (B, n_kv, max_len, hd)
+        elif kv is not None:                                             # write this chunk, read all so far
+            kv[0][:, :, start:start + T] = k
+            kv[1][:, :, start:start + T] = v
             if start:           # a first chunk has nothing earlier to read (and may be one row for all B)
-                k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]   # views, no copy
+                k, v = kv[0][:, :, :start + T], kv[1][:, :, :start + T]            # views, no copy
         # GQA: each group of nh/n_kv query heads shares one k/v head, which SDPA broadcasts (enable_gqa): no copies
         # a plain bool even when torch.compile traces T as a symbol (compile_inference's prefill): SDPA wants one
         causal = True if mask is None and Tq > 1 and start == 0 else False     # the last query sees all keys
@@ -183,8 +185,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0, start=0, last=False):
-        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start, last)
+    def forward(self, x, cos, sin, mask, kv=None, start=0, last=False):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, start, last)
         x = (x[:, -1:] if last else x) + h                              # last: (B, 1, D) from here on
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -239,10 +241,7 @@ class Llama(nn.Module):
         if positions is None:
             positions = real.long().cumsum(1) - 1                               # (B, T): 0, 1, 2 ... per sample
             positions = positions.clamp(min=0) + (cache.pos[:, None] if cache is not None else 0)
-        start = 0
-        if cache is not None:
-            start = cache.reserve(real)
-            cache.pos += real.sum(1)
+        start = 0 if cache is None else cache.reserve(real)             # after `positions`: it moves cache.pos
         mask = make_mask(real, cache, start, T)
         return self._trunk(x, positions, mask, cache, start, last_only, return_hidden)
 
@@ -254,7 +253,8 @@ class Llama(nn.Module):
             if self.grad_checkpointing and self.training:
                 x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, cache, i, start, last_only and i == len(self.model.layers) - 1)
+                kv = None if cache is None else (cache.k[i], cache.v[i])
+                x = block(x, cos, sin, mask, kv, start, last_only and i == len(self.model.layers) - 1)
         x = self.model.norm(x)
         return x if return_hidden else self.lm_head(x)
 
@@ -273,7 +273,7 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(cache.pos[:, None], self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         mask = cache.valid[:, None, None, :]                                           # (B, 1, 1, max_len)
         for i, block in enumerate(self.model.layers):
-            x = block(x, cos, sin, mask, cache, i, cache.slot)
+            x = block(x, cos, sin, mask, (cache.k[i], cache.v[i]), cache.slot)
         cache.pos += 1
         cache.slot += 1
         return self.lm_head(self.model.norm(x))[:, 0]

@@ -173,7 +173,7 @@ class Llava(nn.Module):
         on the Shapes world, where a sample is ~100 tokens, it saves a fifth of stage 2's time (FINDINGS.md). On
         real data (~1,000 tokens a sample) it would save ~3% and cost a boolean mask (no flash attention), so it is
         used only where the prefix is at least an eighth of the batch, and not with gradient checkpointing
-        (which would recompute the cache writes) or train.py's --compile (one graph per layer, see there)."""
+        (which would recompute the cache writes) or train.py's --compile (a graph per kind of call, see there)."""
         lm, (B, T, _), dev = self.language_model, embeds.shape, embeds.device
         p = 0
         if self.shared_prefix and B > 1 and not lm.grad_checkpointing:

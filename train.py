@@ -125,8 +125,8 @@ def build_model(cfg, device, dtype):
     model.vision_tower.eval()                      # frozen in every stage, and always run under no_grad
     model.language_model.grad_checkpointing = cfg.grad_checkpointing
     if cfg.compile:                                # each decoder block, as torchtitan does: the splicing stays eager
-        model.shared_prefix = False                # (Llava.trunk's cached calls index a list by layer: a graph per
-        for block in model.language_model.model.layers:     # layer, past dynamo's limit of 8, then eager blocks)
+        model.shared_prefix = False                # (Llava.trunk's three kinds of call, one-row prefix, cached rest,
+        for block in model.language_model.model.layers:     # plain, would make 8 graphs a block, dynamo's limit)
             block.compile(dynamic=True)
     return model
 

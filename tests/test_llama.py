@@ -72,6 +72,27 @@ def test_chunked_prefill_with_left_padding_equals_full_forward():
     assert (torch.cat(parts, 1) - full)[mask.bool()].abs().max() <= 1e-5
 
 
+def test_a_compiled_block_is_one_graph_for_every_layer():
+    """A block gets its own cache tensors, not (cache, layer index), so a block compiled on its own (train.py
+    --compile) is traced once per kind of call, not once per layer: dynamo specialises on an int argument, which on
+    the Shapes world's 4 blocks had made 8 graphs, its limit, and the rest ran eager (found on an H200)."""
+    from torch._dynamo.utils import counters
+    _, ours = pair(2)
+    ids = torch.randint(3, 320, (2, 12))
+    with torch.no_grad():
+        cache = ours.new_cache(2, 12)
+        eager = [ours(ids[:, :7], cache=cache), ours(ids[:, 7:], cache=cache)]
+        torch._dynamo.reset()
+        counters.clear()
+        for block in ours.model.layers:
+            block.compile(dynamic=True)
+        cache = ours.new_cache(2, 12)
+        compiled = [ours(ids[:, :7], cache=cache), ours(ids[:, 7:], cache=cache)]   # a first chunk, then a later one
+    assert len(ours.model.layers) > 1
+    assert counters["stats"]["unique_graphs"] == 2
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+
+
 def test_last_only_gives_the_last_logits_and_still_fills_the_cache():
     """last_only (Llava.prefill): the final block computes only the last position, yet every position's keys and
     values reach the cache, so the next chunk sees the same past. Plain causal, left-padded and cached chunks."""

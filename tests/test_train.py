@@ -368,8 +368,9 @@ def test_micro_batches_do_not_change_the_run(tiny):
 def test_compiled_blocks_train_as_eager_ones(tiny, ckpt):
     """--compile (each decoder block compiled, with symbolic shapes) changes the rounding, not the run; with
     gradient checkpointing the compiled blocks are recomputed in the backward pass. Each block is compiled for
-    training and for validation (grad mode), not once per layer: the shared prefix's KV-cache calls did that, so
-    on the Shapes world (4 blocks) dynamo hit its limit of 8 graphs and ran the rest eager (found on an H200)."""
+    training and for validation (grad mode), and no more: the shared prefix's calls, off under --compile, had
+    made a graph per layer (and kind of call), so on the Shapes world dynamo hit its limit of 8 graphs and ran
+    the rest eager (found on an H200; tests/test_llama.py has the per-layer half)."""
     from torch._dynamo.utils import counters
     common = dict(max_steps=3, eval_every=3) | (dict(grad_checkpointing=True) if ckpt else {})
     assert train.main(args(tiny, 2, f"eager-{ckpt}", **common)) == 0
