@@ -291,8 +291,9 @@ def llava_hf_config(d, config_cls):
 def load_llava(cls, path, vision_tower=None, dtype=None, device=None, model_base=None):
     from model import LlavaConfig, default_device, default_dtype
     path = str(path)
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: not a checkpoint directory")
+    if not os.path.isdir(path):            # a relative default (models/shapes-llava) run from elsewhere: say where
+        where = "" if os.path.isabs(path) else f" (relative to {os.getcwd()})"
+        raise CheckpointError(f"{path}: {'not a directory' if os.path.exists(path) else 'no such directory'}{where}")
     d = read_json(cfg_path := os.path.join(path, "config.json"))
     base = path                                                        # where tokenizer.model is looked for
     # a LoRA dir (liuhaotian/llava-v1.5-7b-lora, or train.py's <out>/adapter): adapters, and the projector they

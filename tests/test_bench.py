@@ -63,7 +63,7 @@ def test_counts_below_one_are_refused_in_one_line(capsys):
 
 def test_a_bad_load_path_or_out_is_one_line_and_exit_2(tmp_path):
     (tmp_path / "a-file").write_text("not a directory")
-    for argv, said in [(["--load", str(tmp_path / "nope")], f"{tmp_path / 'nope'}: not a checkpoint directory"),
+    for argv, said in [(["--load", str(tmp_path / "nope")], f"{tmp_path / 'nope'}: no such directory"),
                        (["--load", str(tmp_path)], f"{tmp_path / 'config.json'}: missing"),       # were tracebacks
                        (["--out", str(tmp_path / "a-file" / "b.json")],                          # after the whole run
                         f"{tmp_path / 'a-file'}: not a directory this process can write to")]:

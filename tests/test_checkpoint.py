@@ -222,10 +222,17 @@ def test_known_unused_keys_are_skipped_on_purpose(layouts):
     Llava.from_pretrained(d["liuhaotian"], device="cpu")     # loads: the fixture above proves the skips
 
 
-def test_not_a_checkpoint(layouts, tmp_path):
+def test_not_a_checkpoint(layouts, tmp_path, monkeypatch):
     d, _, _ = layouts
-    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(tmp_path / 'nope'))}: no such directory$"):
         Llava.from_pretrained(str(tmp_path / "nope"))
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(CheckpointError, match="a-file: not a directory$"):
+        Llava.from_pretrained(str(tmp_path / "a-file"))
+    monkeypatch.chdir(tmp_path)          # chat.py's default, models/shapes-llava, run outside the repository
+    said = f"models/shapes-llava: no such directory (relative to {tmp_path})"
+    with pytest.raises(CheckpointError, match=re.escape(said)):
+        Llava.from_pretrained("models/shapes-llava")
     with pytest.raises(CheckpointError, match="config.json: missing"):
         Llava.from_pretrained(str(tmp_path))
     with pytest.raises(CheckpointError, match="a plain LLaMA checkpoint"):
