@@ -250,8 +250,18 @@ def config_from(path, make):
 CLIP_TYPES = ("clip", "clip_vision_model")     # a CLIP dir's model_type: the whole CLIP, or its vision half
 
 
+def need_dirs(*paths):
+    """Refuse, in one line, a model path that is not a directory; for a relative one (a default such as
+    models/shapes-llava, run from outside the repository) say where it was looked for."""
+    for p in map(str, paths):
+        if not os.path.isdir(p):
+            where = "" if os.path.isabs(p) else f" (relative to {os.getcwd()})"
+            raise CheckpointError(f"{p}: {'not a directory' if os.path.exists(p) else 'no such directory'}{where}")
+
+
 def of_type(path, types, what):
     """A dir's config.json, refused in one line if it names another kind of model (CLIP and LLM dirs swapped)."""
+    need_dirs(path)
     d = read_json(os.path.join(path, "config.json"))
     if d.get("model_type", types[0]) not in types:
         raise CheckpointError(f"{path}: a {d['model_type']} checkpoint, not {what}")
@@ -291,9 +301,7 @@ def llava_hf_config(d, config_cls):
 def load_llava(cls, path, vision_tower=None, dtype=None, device=None, model_base=None):
     from model import LlavaConfig, default_device, default_dtype
     path = str(path)
-    if not os.path.isdir(path):            # a relative default (models/shapes-llava) run from elsewhere: say where
-        where = "" if os.path.isabs(path) else f" (relative to {os.getcwd()})"
-        raise CheckpointError(f"{path}: {'not a directory' if os.path.exists(path) else 'no such directory'}{where}")
+    need_dirs(path)
     d = read_json(cfg_path := os.path.join(path, "config.json"))
     base = path                                                        # where tokenizer.model is looked for
     # a LoRA dir (liuhaotian/llava-v1.5-7b-lora, or train.py's <out>/adapter): adapters, and the projector they

@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from chat import known_device, load_model
-from checkpoint import CheckpointError
+from checkpoint import CheckpointError, need_dirs
 from data import (CONV_TEMPLATES, IMAGE_TOKEN, DataError, load_image, process_image, tokenizer_image_token, whole,
                   writable_dir)
 from model import IMAGE_TOKEN_INDEX
@@ -82,8 +82,7 @@ def answer(model, tok, questions, image_folder, template, batch_size=32, max_new
     for k in tqdm(range(0, len(order), batch_size), desc="eval", disable=len(order) <= batch_size):
         idx = order[k:k + batch_size]
         T = max(len(ids[i]) for i in idx)
-        x = torch.full((len(idx), T), tok.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(idx), T, dtype=torch.long)
+        x, mask = torch.full((len(idx), T), tok.pad_id, dtype=torch.long), torch.zeros(len(idx), T, dtype=torch.long)
         for r, i in enumerate(idx):
             x[r, :len(ids[i])], mask[r, :len(ids[i])] = torch.tensor(ids[i]), 1
         imgs = [process_image(fill if blind else load_image(os.path.join(image_folder, questions[i]["image"])),
@@ -159,6 +158,7 @@ def main(argv=None):
     path = args.answers or os.path.join("output", name, f"answers{'-blind' if args.blind else ''}.jsonl")
     partial = path + ".partial"                  # the answers so far, while they are being made
     try:
+        need_dirs(args.model, *filter(None, (args.vision_tower, args.model_base)))   # before any data or answers
         if args.questions == "data/shapes/eval.jsonl" and not os.path.exists(args.questions):
             import shapes
             shapes.generate("data/shapes")

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, load_components, load_snapshot, save_projector, save_snapshot
+from checkpoint import CheckpointError, load_components, load_snapshot, need_dirs, save_projector, save_snapshot
 from data import CONV_TEMPLATES, DataError, LlavaDataset, Tokenizer, collate, modality_grouped_order, writable_dir
 from lora import apply_lora, merge_lora, save_adapter
 from model import IGNORE_INDEX, Llava
@@ -464,6 +464,7 @@ def main(argv=None):
         if cfg.stage == 0:
             import stage0
             return stage0.main(cfg)
+        need_dirs(*([cfg.model_base, cfg.vision_tower] if cfg.stage == 1 else [cfg.projector]))   # before any data
         if os.path.normpath(os.path.dirname(cfg.data)) == os.path.join("data", "shapes"):   # the default world:
             import shapes                       # made on a fresh clone (about 15 s); one an older shapes.py made
             shapes.ensure("data/shapes")        # is refused (fewer samples: lower accuracy)

@@ -299,6 +299,20 @@ def test_an_output_that_cannot_be_written_is_refused_before_training(tiny, where
             assert capsys.readouterr().err == f"error: {bad}: not a directory this process can write to\n"
 
 
+def test_run_outside_the_repository_says_where_it_looked_before_making_anything(tmp_path, monkeypatch, capsys):
+    """The defaults are relative (models/shapes-llama, data/shapes). Run from another directory, train.py generated
+    the Shapes data there (~25 s) and made output directories before failing, and said only "config.json: missing";
+    eval.py wrote its .partial file first. Now: one line naming the missing model and where it was looked for."""
+    import eval as evaluate
+    monkeypatch.chdir(tmp_path)
+    for main, argv, missing in [(train.main, ["--stage", "1"], "models/shapes-llama"),
+                                (train.main, ["--stage", "2"], "models/shapes-stage1"),
+                                (evaluate.main, [], "models/shapes-llava")]:
+        assert main(argv) == 2
+        assert capsys.readouterr().err == f"error: {missing}: no such directory (relative to {tmp_path})\n"
+    assert list(tmp_path.iterdir()) == []          # no data, no output directory, no partial answers
+
+
 @pytest.mark.parametrize("flag,value", [("--stage", "3"), ("--stage", "-1"), ("--stage", "two"),
                                         ("--template", "vicuna"), ("--image-aspect-ratio", "anyres")])
 def test_a_value_outside_the_choices_is_refused_before_anything_runs(flag, value, capsys):
