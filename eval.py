@@ -112,7 +112,7 @@ def resume(partial, settings):
                 done[a["i"]] = a["text"]
         with contextlib.suppress(ValueError, IndexError):
             same = json.loads(lines[0]) == {"settings": settings}
-    if done and not same:            # one without answers (stopped before a batch ended, e.g. a --model typo) is not
+    if done and not same:            # one without answers (stopped before a batch ended, e.g. while loading) is not
         raise DataError(f"{partial}: left by an interrupted run with other settings; run it again with those, "
                         f"or delete the file to start over")
     lines = [{"settings": settings}] + [dict(i=i, text=t) for i, t in done.items()]

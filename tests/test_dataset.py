@@ -56,7 +56,8 @@ def test_train_refuses_a_world_another_shapes_py_made(world, tmp_path, monkeypat
         else:
             with open("data/shapes/world.json", "w") as f:
                 json.dump(stamp, f)
-        assert train.main(["--stage", "2"]) == 2                  # (stage 0 calls the same shapes.ensure)
+        # (stage 0 calls the same shapes.ensure; the models are the bundled ones, as from the repository root)
+        assert train.main(["--stage", "2", "--projector", os.path.join(ROOT, "models", "shapes-stage1")]) == 2
         assert capsys.readouterr().err == (f"error: data/shapes: made by {why} (this is version {shapes.VERSION}); "
                                            "make it again: python data.py shapes --out data/shapes\n")
 

@@ -656,11 +656,14 @@ def test_eval_continues_an_interrupted_run(tiny, monkeypatch, capsys):
     assert evaluate.main(flags[:-3] + ["5", "--answers", str(out)]) == 2       # --max-new-tokens 5: other answers
     assert capsys.readouterr().err.endswith(f"error: {out}.partial: left by an interrupted run with other settings; "
                                             "run it again with those, or delete the file to start over\n")
-    os.remove(f"{out}.partial")                    # a run stopped before its first answer (here: a --model typo)
+    os.remove(f"{out}.partial")
     assert evaluate.main(flags + ["--answers", str(out), "--model", str(tiny / "nope")]) == 2
-    assert os.path.exists(f"{out}.partial")
+    assert not os.path.exists(f"{out}.partial")    # a --model typo is refused before anything is written
+    calls[:], stop_at = [], 1                      # a run stopped before its first answer: the settings alone
+    assert evaluate.main(flags + ["--answers", str(out)]) == 130
+    assert len(open(f"{out}.partial").readlines()) == 1
     calls[:], stop_at = [], 0                      # then one with other settings: nothing is lost, so it starts over
-    assert evaluate.main(flags + ["--answers", str(out)]) == 0 and sum(calls) == n
+    assert evaluate.main(flags[:-3] + ["5", "--answers", str(out)]) == 0 and sum(calls) == n
 
 
 def test_eval_answers_that_cannot_be_written_are_refused_before_answering(tiny, capsys):
