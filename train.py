@@ -126,7 +126,7 @@ def build_model(cfg, device, dtype):
     model.language_model.grad_checkpointing = cfg.grad_checkpointing
     if cfg.compile:                                # each decoder block, as torchtitan does: the splicing stays eager
         model.shared_prefix = False                # (Llava.trunk's three kinds of call, one-row prefix, cached rest,
-        for block in model.language_model.model.layers:     # plain, would make 8 graphs a block, dynamo's limit)
+        for block in model.language_model.model.layers:     # plain, would make 8 graphs, dynamo's limit)
             block.compile(dynamic=True)
     return model
 
