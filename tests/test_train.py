@@ -267,6 +267,13 @@ def test_bad_flags_are_one_line_and_exit_2(tiny, flags, capsys):
     assert f"--{next(iter(flags)).replace('_', '-')} " in err
 
 
+def test_lora_in_stage_1_is_refused(tiny, capsys):
+    """Stage 1 trains the projector alone (paper §4.2). --lora was ignored there, and with --preset llava-1.5 it
+    gave stage 1 LoRA's learning rates (2e-4, the projector 2e-5) instead of 1e-3, without a word."""
+    assert train.main(args(tiny, 1, "bad", lora=True)) == 2
+    assert capsys.readouterr().err == "error: --lora is for stage 2: stage 1 trains the projector alone\n"
+
+
 def test_no_validation_set_means_no_validation_loss(tiny, capsys):
     assert train.main(args(tiny, 1, "noval", max_steps=2, val_samples=0)) == 0   # it reported "validation 0.0000"
     assert metrics(tiny, "noval")["val"] == [] and "no validation set" in capsys.readouterr().out
