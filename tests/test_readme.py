@@ -62,10 +62,11 @@ def test_the_file_table_gives_real_line_counts():
 def test_the_accuracy_table_is_what_eval_gives_for_the_bundled_model(tmp_path):
     """llama2.c's golden-output test, for the README's headline figures: eval.py on the bundled tiny LLaVA, with
     the image and with a blank one, gives the table's accuracies to the printed digit, and the prose's colour
-    questions on one-object and on other images (the skill the model lacks) the figures it gives. The eval split is made
-    afresh without the 72,000 extra instruction samples (drawn after it, so it is the same bytes; 5 s instead of
-    25). The figures came out the same on an Intel Xeon and an AMD EPYC; on an H200 in fp32 one colour question's
-    near-tie went the other way (BENCHMARKS.md), so elsewhere a miss by one question is rounding, not a defect."""
+    questions on one-object and on other images (the skill the model lacks) the figures it gives. The eval split
+    is made afresh without the 72,000 extra instruction samples (drawn after it, so it is the same bytes; 5 s
+    instead of 25). The figures came out the same on an Intel Xeon and an AMD EPYC; on an H200 in fp32 one colour
+    question's near-tie went the other way (BENCHMARKS.md), so elsewhere a miss by one question is rounding, not a
+    defect."""
     import eval as evaluate
     import shapes
     head, _, *rows = re.search(r"^\| \| count \|.*?\n\n", README, re.M | re.S).group(0).strip().splitlines()
@@ -83,9 +84,9 @@ def test_the_accuracy_table_is_what_eval_gives_for_the_bundled_model(tmp_path):
             assert said.endswith("%") and float(said[:-1]) == round(100 * got[cat]["accuracy"], 1), (row, cat, said)
     # and the prose's split of the colour questions by how many objects the image holds (its count question's answer)
     qs = [json.loads(line) for line in open(os.path.join(world, "eval.jsonl"))]
-    said = {json.loads(line)["question_id"]: json.loads(line)["text"] for line in open(tmp_path / "image.jsonl")}
+    answers = {(a := json.loads(line))["question_id"]: a["text"] for line in open(tmp_path / "image.jsonl")}
     n = {q["image"]: int(q["answer"]) for q in qs if q["category"] == "count"}
-    right = [(n[q["image"]] > 1, evaluate.normalize(said[q["question_id"]]) == evaluate.normalize(q["answer"]))
+    right = [(n[q["image"]] > 1, evaluate.normalize(answers[q["question_id"]]) == evaluate.normalize(q["answer"]))
              for q in qs if q["category"] == "color"]
     one, many = [ok for multi, ok in right if not multi], [ok for multi, ok in right if multi]
     claim = re.search(r"right for all (\d+) one-object images of the eval\s+split but for ([\d.]+)% of the (\d+)",
