@@ -89,6 +89,9 @@ def write_safetensors(tensors: dict, path, metadata=None):
 
 def read_bin(path):
     """Yield (key, tensor) from a pickled PyTorch state dict, only through torch.load(weights_only=True)."""
+    with open(path, "rb") as f:                    # torch.save writes a zip archive (PK...), before 1.6 a pickle
+        if f.read(2)[:1] not in (b"P", b"\x80"):
+            raise CheckpointError(f"{path}: not a PyTorch file (neither a zip archive nor a pickle)")
     try:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)   # lazily paged in
@@ -96,9 +99,10 @@ def read_bin(path):
             if "mmap" not in str(e):
                 raise
             sd = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+    except pickle.UnpicklingError as e:           # torch's text is advice; the cause follows "WeightsUnpickler error:"
+        why = str(e).split("WeightsUnpickler error:")[-1].strip().split(". ")[0].splitlines()[0][:160]
         raise CheckpointError(f"{path}: refused: it needs more than torch.load(weights_only=True) allows "
-                              f"({str(e).splitlines()[0][:160]})") from None
+                              f"({why})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"{path}: unreadable PyTorch file ({str(e).splitlines()[0][:160]})") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -122,7 +126,16 @@ def release_pages(t):
 
 
 def read_tensors(path):
+    no_lfs_pointer(path)
     return read_safetensors(path) if path.endswith(".safetensors") else read_bin(path)
+
+
+def no_lfs_pointer(path):
+    """A Hugging Face repo cloned without git-lfs has ~130-byte text pointers in place of its large files."""
+    with open(path, "rb") as f:
+        if f.read(23) == b"version https://git-lfs":
+            raise CheckpointError(f"{path}: a Git LFS pointer, not the file itself: run `git lfs pull` in its clone")
+    return path
 
 
 def weight_files(d):
@@ -189,7 +202,7 @@ def load_weights(model, sources, dtype, device, fresh=()):
     if tied:
         expected.pop(head)                # tied to the embedding: checkpoints store it once, or not at all
     seen = set()
-    files = [(f, key_map) for fs, key_map in sources for f in fs]
+    files = [(no_lfs_pointer(f), key_map) for fs, key_map in sources for f in fs]    # all, before reading one
     for path, key_map in tqdm(files, desc="loading shards", disable=len(files) < 2):
         for key, t in read_tensors(path):
             name = key_map(key)
@@ -342,14 +355,15 @@ def load_llava(cls, path, vision_tower=None, dtype=None, device=None, model_base
                               f"`train.py --stage 1`, or pass it as model_base for a stage-1 projector")
     else:
         raise CheckpointError(f"{path}/config.json: not a LLaVA checkpoint layout this loader knows")
+    tok = [t for t in (os.path.join(p, "tokenizer.model") for p in (path, base)) if os.path.exists(t)]
+    tok = no_lfs_pointer(tok[0]) if tok else None                      # (a pointer is refused before the weights load)
     device = device or default_device()
     with torch.device("meta"):                                         # shapes only: nothing allocated
         model = cls(cfg)
     load_weights(model, sources, dtype or default_dtype(device), device)
     if lora:
         merge_adapters(model, path)
-    model.tokenizer_path = next((p for p in (os.path.join(path, "tokenizer.model"),
-                                             os.path.join(base, "tokenizer.model")) if os.path.exists(p)), None)
+    model.tokenizer_path = tok
     return model.eval()
 
 
@@ -387,6 +401,8 @@ def load_components(cls, llm_dir, vision_dir, projector_type="mlp2x_gelu", dtype
     cfg_path = os.path.join(llm_dir, "config.json")
     cfg = config_from(cfg_path, lambda: LlavaConfig(vision=vision, text=LlamaConfig.from_hf(d),
                                                     projector_type=projector_type, **kw))
+    tok = os.path.join(llm_dir, "tokenizer.model")
+    tok = no_lfs_pointer(tok) if os.path.exists(tok) else None
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     with torch.device("meta"):
@@ -395,8 +411,7 @@ def load_components(cls, llm_dir, vision_dir, projector_type="mlp2x_gelu", dtype
                  fresh=("mm_projector.",))
     with torch.device(device):
         model.mm_projector = build_projector(projector_type, cfg.vision.hidden_size, cfg.text.hidden_size).to(dtype)
-    tok = os.path.join(llm_dir, "tokenizer.model")
-    model.tokenizer_path = tok if os.path.exists(tok) else None
+    model.tokenizer_path = tok
     return model
 
 

@@ -206,7 +206,37 @@ def test_pickle_needing_more_than_weights_only_is_refused(layouts, tmp_path):
     path = str(tmp_path / "x" / "mm_projector.bin")
     torch.save({"model.mm_projector.0.weight": torch.ones(1), "payload": Evil()}, path)
     with pytest.raises(CheckpointError, match=r"mm_projector\.bin: refused: it needs more than "
-                                              r"torch\.load\(weights_only=True\)"):
+                                              r"torch\.load\(weights_only=True\) allows \(Unsupported global: "
+                                              r"GLOBAL print was not an allowed global by default\)$"):
+        Llava.from_pretrained(str(tmp_path / "x"), device="cpu")    # the cause, not torch's advice (was: its first
+    # 160 characters, ANSI bold codes included, cut before the cause)
+    open(path, "w").write("<!DOCTYPE html><html>Not Found</html>")   # a download that saved an error page
+    with pytest.raises(CheckpointError, match=r"mm_projector\.bin: not a PyTorch file \(neither a zip archive "
+                                              r"nor a pickle\)$"):  # was: "refused: it needs more than ..."
+        Llava.from_pretrained(str(tmp_path / "x"), device="cpu")
+
+
+LFS_POINTER = ("version https://git-lfs.github.com/spec/v1\n"
+               "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 9976576152\n")
+
+
+@pytest.mark.parametrize("layout,pointer,broken", [
+    ("liuhaotian", "pytorch_model-00002-of-00002.bin", "pytorch_model-00001-of-00002.bin"),
+    ("liuhaotian_st", "model-00002-of-00002.safetensors", "model-00001-of-00002.safetensors"),
+    ("ours", "tokenizer.model", "model.safetensors")])
+def test_a_git_lfs_pointer_is_named_before_any_weights_are_read(layouts, tmp_path, layout, pointer, broken):
+    """A Hugging Face repo cloned without git-lfs holds ~130-byte text pointers in place of its weights and
+    tokenizer. Each is named with what to do, before any weights are read: the other file is made unreadable,
+    so reading it first would give another error (was: "not a sentencepiece tokenizer.model", "truncated or not a
+    safetensors file", and for a .bin "it needs more than torch.load(weights_only=True) allows")."""
+    d, _, _ = layouts
+    shutil.copytree(d[layout], tmp_path / "x")
+    assert os.path.exists(tmp_path / "x" / broken) and (os.path.exists(tmp_path / "x" / pointer) or
+                                                         pointer == "tokenizer.model")
+    (tmp_path / "x" / pointer).write_text(LFS_POINTER)
+    (tmp_path / "x" / broken).write_bytes(b"\0" * 9)
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(tmp_path / 'x' / pointer))}: a Git LFS pointer, "
+                                              f"not the file itself: run `git lfs pull` in its clone$"):
         Llava.from_pretrained(str(tmp_path / "x"), device="cpu")
 
 
