@@ -324,8 +324,9 @@ def _train(cfg: TrainConfig):
     val_loader = torch.utils.data.DataLoader(val_ds, batch_sampler=[mine[i:i + cfg.micro_batch] for i in range(
         0, len(mine), cfg.micro_batch)], collate_fn=coll)
     steps_per_epoch = len(train_idx) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise DataError(f"{cfg.data}: {len(train_idx)} training samples, fewer than one batch of {cfg.batch_size}")
+    if steps_per_epoch == 0:                    # (a small file can lose them all to the default validation set)
+        held = "" if cfg.val_data else f" ({len(val_idx)} of its {len(ds)} held out by --val-samples)"
+        raise DataError(f"{cfg.data}: {len(train_idx)} training samples{held}, fewer than a batch of {cfg.batch_size}")
     total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
 
     opt = make_optimizer(model, cfg, device)

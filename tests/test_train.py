@@ -282,6 +282,21 @@ def test_no_validation_set_means_no_validation_loss(tiny, capsys):
     assert capsys.readouterr().err.endswith(f"\nerror: {tiny / 'empty.json'}: no samples to validate on\n")
 
 
+def test_a_file_too_small_for_a_batch_says_how_many_validation_took(tiny, capsys):
+    """The default validation set (--val-samples, 128 in the Shapes presets) is held out of --data first: a small
+    file of one's own could lose every sample to it, and the error said only "0 training samples"."""
+    samples = json.load(open(tiny / "world" / "pretrain.json"))[:5]
+    (tiny / "five.json").write_text(json.dumps(samples))
+    assert train.main(args(tiny, 1, "small", data=tiny / "five.json", val_samples=128, batch_size=4,
+                           micro_batch=2)) == 2
+    assert capsys.readouterr().err.endswith(f"\nerror: {tiny / 'five.json'}: 0 training samples (5 of its 5 held "
+                                            f"out by --val-samples), fewer than a batch of 4\n")
+    assert train.main(args(tiny, 1, "small", data=tiny / "five.json", val_samples=2, batch_size=4,
+                           micro_batch=2)) == 2
+    assert capsys.readouterr().err.endswith(": 3 training samples (2 of its 5 held out by --val-samples), fewer "
+                                            "than a batch of 4\n")
+
+
 def test_a_validation_batch_of_unreadable_images_does_not_end_the_run(tiny, capsys):
     sample = next(s for s in json.load(open(tiny / "world" / "pretrain.json")))
     (tiny / "broken.png").write_text("not a png")
