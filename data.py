@@ -243,7 +243,7 @@ def sample_problems(s, template="vicuna_v1", image_folder=None):
         return ["not a JSON object"], 0, True
     conv = s.get("conversations")
     if not isinstance(conv, list) or not conv:
-        return ["no 'conversations' list"], 0, True
+        return ["no 'conversations' list, or an empty one"], 0, True
     try:
         roles = "".join(ROLE_CODE[c["from"]] for c in conv)
         text = "".join(c["value"] for c in conv)

@@ -173,23 +173,25 @@ def test_check_reports_every_problem_with_index_and_id(world, tmp_path):
            {"id": "sep", "conversations": [{"from": "human", "value": "Say ' ASSISTANT: '"}, {"from": "gpt",
                                                                                             "value": "ok"}]},
            {"id": "open", "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"},
-                                            {"from": "human", "value": "c"}]}]
+                                            {"from": "human", "value": "c"}]},
+           {"id": "empty", "conversations": []}]                # was: "no 'conversations' list", when it was one
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     r = subprocess.run([sys.executable, "data.py", "check", str(tmp_path / "bad.json"), "--image-folder", world],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 1
     lines = r.stdout.splitlines()
-    assert len(lines) == 7 and "Traceback" not in r.stderr
-    assert "sample 1 (id no-conv): no 'conversations' list" in lines[0]
+    assert len(lines) == 8 and "Traceback" not in r.stderr
+    assert lines[0].endswith("sample 1 (id no-conv): no 'conversations' list, or an empty one")
     assert "sample 2 (id repeat): roles do not alternate human, gpt (human, human)" in lines[1]
     assert "sample 3 (id missing-file): image file" in lines[2] and "nope.png not found" in lines[2]
     assert "sample 4 (id no-token): has an image but 0 turns mention <image>" in lines[3]
     assert "sample 5 (id None): not a JSON object" in lines[4]
     why = ("left out of training: the official masking cannot read it ('</s>' or ' ASSISTANT: ' in a message, or a "
            "final question)")
-    assert lines[5].endswith(f"sample 6 (id sep): {why}") and lines[6].endswith(f"sample 7 (id open): {why}")
-    assert "8 samples, 5 problem(s), 2 left out in training" in r.stderr
-    with pytest.raises(DataError, match="5 problem"):
+    assert lines[5].endswith("sample 8 (id empty): no 'conversations' list, or an empty one")
+    assert lines[6].endswith(f"sample 6 (id sep): {why}") and lines[7].endswith(f"sample 7 (id open): {why}")
+    assert "9 samples, 6 problem(s), 2 left out in training" in r.stderr
+    with pytest.raises(DataError, match="6 problem"):
         LlavaDataset(str(tmp_path / "bad.json"), Tokenizer(os.path.join(world, "tokenizer.model")), world)
 
 
