@@ -45,7 +45,7 @@ CONFIGS = {  # name -> (our config or a checkpoint dir, prompt text tokens, new 
 
 
 # ---------------------------------------------------------------------------------------------- the two models
-def build(name, device, dtype, with_hf=True):
+def build(name, device, dtype, with_hf=True, full_training=False):
     """Our model and the HF model holding exactly the same weights (None without with_hf)."""
     from transformers import CLIPVisionConfig, LlavaConfig as HFConfig, LlavaForConditionalGeneration
     from transformers import LlamaConfig as HFLlamaConfig
@@ -53,6 +53,14 @@ def build(name, device, dtype, with_hf=True):
     if isinstance(src, str):
         ours = Llava.from_pretrained(src, dtype=dtype, device=device)
     else:
+        with torch.device("meta"):          # counted first: 7B in fp32 on a laptop would meet the OOM killer
+            m = Llava(src)
+        n, n_llm = (sum(p.numel() for p in x.parameters()) for x in (m, m.language_model))
+        # the weights, and for a full stage 2 the LLM's gradients and two AdamW moments: a lower bound
+        need = (2 if with_hf else 1) * dtype.itemsize * (n + 3 * n_llm * full_training)
+        if need > (free := free_memory(device)):
+            raise MemoryError(f"--config {name} needs at least {need / 2**30:.1f} GiB in {dtype} (ours"
+                              f"{' and transformers' if with_hf else ''}); {device} has {free / 2**30:.1f} GiB free")
         torch.manual_seed(0)
         with torch.device(device):
             ours = Llava(src).to(dtype)
@@ -75,6 +83,15 @@ def build(name, device, dtype, with_hf=True):
     hf.load_state_dict({k: mine[llava_hf_key(k)] for k in hf.state_dict()}, strict=True)
     ours.eval(), hf.eval()
     return ours, hf, image_token
+
+
+def free_memory(device):
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:                                           # Linux; elsewhere (macOS, MPS) nothing is checked
+        return int(next(x for x in open("/proc/meminfo") if x.startswith("MemAvailable")).split()[1]) * 1024
+    except (OSError, StopIteration):
+        return float("inf")
 
 
 def widen(x, values, n, fill=None):
@@ -317,7 +334,8 @@ def main(argv=None):
     try:
         for name in args.config or ["tiny", "100m"]:
             args.config = name
-            ours, hf, image_token = build(name, device, dtype, with_hf=args.only != "training")
+            ours, hf, image_token = build(name, device, dtype, with_hf=args.only != "training",
+                                          full_training=args.only != "inference" and not args.lora)
             if args.compile:
                 ours.compile_inference()        # compiled on first use: timed()'s warm-up run pays for it
             n = sum(p.numel() for p in ours.parameters())
@@ -333,6 +351,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"interrupted: {args.out} holds the rows measured so far", file=sys.stderr)
         code = 130
+    except MemoryError as e:                    # (the configs before it are measured and written)
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
     with open(args.out, "w") as f:
         json.dump(dict(machine=machine, torch=torch.__version__, date=time.strftime("%Y-%m-%d"), argv=sys.argv[1:],
                        results=results), f, indent=1)

@@ -90,3 +90,27 @@ def test_a_stopped_run_keeps_the_rows_it_measured(tmp_path):
     assert list(res)[:2] == ["max |logit diff| vs HF", "image encoding (ms)"]
     assert "decode, batch 8 (tok/s)" not in res and "stage 1 train step (tok/s)" not in res
     assert all(k in "".join(printed) + rest for k in res)     # every row written was printed first
+
+
+
+def test_a_config_too_large_for_the_device_is_one_line_before_anything_is_allocated(tmp_path, monkeypatch, capsys):
+    """`python bench.py --config 7b` without `--device cuda`: 7B in fp32, ours and HF's copy, is 53 GiB, and on a
+    24 GB machine it met the OOM killer minutes in. The weights (and a full stage 2's gradients and AdamW moments)
+    are counted on the meta device first. Here the device reports 10 MiB free, so that the test does not depend
+    on the machine it runs on."""
+    import torch
+    import bench
+    from model import Llava
+    with torch.device("meta"):
+        m = Llava(bench.CONFIGS["100m"][0])
+    n, n_llm = sum(p.numel() for p in m.parameters()), sum(p.numel() for p in m.language_model.parameters())
+    monkeypatch.setattr(bench, "free_memory", lambda device: 10 * 2**20)
+    out = tmp_path / "bench.json"
+    for flags, nbytes, who in [([], 2 * 4 * (n + 3 * n_llm), "ours and transformers"),     # fp32: 4 bytes
+                               (["--only", "inference"], 2 * 4 * n, "ours and transformers"),
+                               (["--only", "training", "--lora"], 4 * n, "ours")]:
+        assert bench.main(["--config", "100m", "--out", str(out), *flags]) == 2
+        assert capsys.readouterr().err == (f"error: --config 100m needs at least {nbytes / 2**30:.1f} GiB in "
+                                           f"torch.float32 ({who}); cpu has 0.0 GiB free\n")
+        assert json.load(open(out))["results"] == {}          # written: the configs before it would be in it
+    assert bench.free_memory(torch.device("cpu")) > 2**20     # the real one reads this machine
