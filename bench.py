@@ -28,7 +28,7 @@ import torch
 import llama
 import vit
 from chat import known_device
-from checkpoint import llava_hf_key
+from checkpoint import free_memory, llava_hf_key
 from data import DataError, whole, writable_dir
 from model import IMAGE_TOKEN_INDEX, LlavaConfig, Llava
 
@@ -83,15 +83,6 @@ def build(name, device, dtype, with_hf=True, full_training=False):
     hf.load_state_dict({k: mine[llava_hf_key(k)] for k in hf.state_dict()}, strict=True)
     ours.eval(), hf.eval()
     return ours, hf, image_token
-
-
-def free_memory(device):
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:                                           # Linux; elsewhere (macOS, MPS) nothing is checked
-        return int(next(x for x in open("/proc/meminfo") if x.startswith("MemAvailable")).split()[1]) * 1024
-    except (OSError, StopIteration):
-        return float("inf")
 
 
 def widen(x, values, n, fill=None):

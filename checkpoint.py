@@ -16,6 +16,7 @@ an error naming the file and the key. Only keys known to be unused are skipped, 
 """
 import ctypes
 import json
+import math
 import mmap
 import os
 import pickle
@@ -203,6 +204,12 @@ def load_weights(model, sources, dtype, device, fresh=()):
         expected.pop(head)                # tied to the embedding: checkpoints store it once, or not at all
     seen = set()
     files = [(no_lfs_pointer(f), key_map) for fs, key_map in sources for f in fs]    # all, before reading one
+    where = ", ".join(sorted({os.path.dirname(f) or "." for f, _ in files}))
+    need = sum(math.prod(s) for s in expected.values()) * dtype.itemsize
+    if need > (free := free_memory(torch.device(device))):   # refused now, not by the OOM killer halfway through
+        half = " (bfloat16 needs half: --dtype bfloat16 in chat.py and eval.py)" if dtype.itemsize == 4 else ""
+        raise CheckpointError(f"{where}: the weights need {need / 2**30:.1f} GiB in {dtype}; {device} has "
+                              f"{free / 2**30:.1f} GiB free{half}")
     for path, key_map in tqdm(files, desc="loading shards", disable=len(files) < 2):
         for key, t in read_tensors(path):
             name = key_map(key)
@@ -223,11 +230,24 @@ def load_weights(model, sources, dtype, device, fresh=()):
             seen.add(name)
     missing = [k for k in expected if k not in seen]
     if missing:
-        where = ", ".join(sorted({os.path.dirname(f) or "." for f, _ in files}))
         raise CheckpointError(f"{where}: missing key {missing[0]}" +
                               (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     if tied:
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+
+
+def free_memory(device):
+    """Bytes that can still be allocated on the device: on a GPU what CUDA reports free, on Linux the memory the
+    kernel can give (MemAvailable) and free swap; elsewhere (macOS, MPS) unknown, and nothing is checked."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return float("inf")
+    try:
+        info = {x.split(":")[0]: int(x.split()[1]) * 1024 for x in open("/proc/meminfo")}   # kB
+        return info["MemAvailable"] + info.get("SwapFree", 0)
+    except (OSError, KeyError, ValueError, IndexError):
+        return float("inf")
 
 
 def find_dir(name, base, what, arg):

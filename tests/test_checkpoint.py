@@ -195,6 +195,32 @@ def test_truncated_safetensors_names_file_and_tensor(layouts, tmp_path):
         Llava.from_pretrained(str(tmp_path / "x"), device="cpu")
 
 
+def test_weights_larger_than_the_free_memory_are_refused_before_any_is_read(layouts, tmp_path, monkeypatch):
+    """LLaVA-1.5-7B in fp32 on a 24 GB laptop (chat.py's CPU default) met the OOM killer halfway through loading.
+    The weights' size is known from the config before a byte is read. Here the device reports one byte less than
+    they need, then exactly what they need; the weight file is unreadable, so reading it first is another error."""
+    import checkpoint
+    from model import LlavaConfig
+    d, _, _ = layouts
+    shutil.copytree(d["ours"], tmp_path / "x")
+    (tmp_path / "x" / "model.safetensors").write_bytes(b"\0" * 9)
+    with torch.device("meta"):
+        model = Llava(LlavaConfig.from_dict(json.load(open(tmp_path / "x" / "config.json"))))
+    n = sum(t.numel() for t in model.state_dict().values())
+    for dtype, half in [(torch.float32, " (bfloat16 needs half: --dtype bfloat16 in chat.py and eval.py)"),
+                        (torch.bfloat16, "")]:
+        monkeypatch.setattr(checkpoint, "free_memory", lambda device: n * dtype.itemsize - 1)
+        with pytest.raises(CheckpointError) as e:
+            Llava.from_pretrained(str(tmp_path / "x"), device="cpu", dtype=dtype)
+        assert str(e.value) == (f"{tmp_path / 'x'}: the weights need {n * dtype.itemsize / 2**30:.1f} GiB in {dtype}; "
+                                f"cpu has 0.0 GiB free{half}")
+        monkeypatch.setattr(checkpoint, "free_memory", lambda device: n * dtype.itemsize)     # enough: read, and
+        with pytest.raises(CheckpointError, match="model.safetensors: not a safetensors file"):              # fail
+            Llava.from_pretrained(str(tmp_path / "x"), device="cpu", dtype=dtype)
+    monkeypatch.undo()
+    assert 2**20 < checkpoint.free_memory(torch.device("cpu")) < float("inf")   # this Linux machine's, read for real
+
+
 class Evil:
     def __reduce__(self):
         return (print, ("this would run arbitrary code",))
