@@ -173,8 +173,10 @@ def main(argv=None):
         template = args.conv_mode or model.cfg.conv_template
         _, answers = answer(model, tok, questions, args.image_folder, template, args.batch_size,
                             args.max_new_tokens, args.blind, done, partial)
-    except (DataError, CheckpointError) as e:     # a bad image mid-run: the answers so far are kept too
-        print(f"error: {e}", file=sys.stderr)
+    except (DataError, CheckpointError, torch.cuda.OutOfMemoryError) as e:   # mid-run: the answers so far are kept
+        oom = isinstance(e, torch.cuda.OutOfMemoryError)
+        print(f"error: {e}" + ("; the answers so far are kept: run again with a smaller --batch-size" if oom else ""),
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         kept = f"the answers so far are in {partial}; " if os.path.exists(partial) else ""
