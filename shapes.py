@@ -33,7 +33,8 @@ VERSION = 2                         # world.json's; 2 (2026-12-03): 80,000 instr
 CAPTION_PROMPTS = [                                      # the instruction list of LCS-558K (LLaVA paper, Table 8)
     "Describe the image concisely.", "Provide a brief description of the given image.",
     "Offer a succinct explanation of the picture presented.", "Summarize the visual content of the image.",
-    "Give a short and clear explanation of the subsequent image.", "Share a concise interpretation of the image provided.",
+    "Give a short and clear explanation of the subsequent image.",
+    "Share a concise interpretation of the image provided.",
     "Present a compact description of the photo's key features.", "Relay a brief, clear account of the picture shown.",
     "Render a clear and concise summary of the photo.", "Write a terse but informative summary of the picture.",
     "Create a compact narrative representing the image presented."]

@@ -117,7 +117,8 @@ def pretrain_clip(out, tok, steps=600, batch=128, lr=3e-4, seed=0):
         opt.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{clip_loss.item():.3f}", words=f"{word_loss.item():.3f}")
     os.makedirs(out, exist_ok=True)
-    write_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out, "model.safetensors"))
+    write_safetensors({k: v.contiguous() for k, v in model.state_dict().items()},
+                      os.path.join(out, "model.safetensors"))
     config = {"model_type": "clip", "architectures": ["CLIPModel"], "projection_dim": vcfg.projection_dim,
               "vision_config": {k: v for k, v in vars(vcfg).items() if k not in ("image_mean", "image_std")}
               | {"model_type": "clip_vision_model"}, "text_config": vars(tcfg) | {"model_type": "llama"}}
@@ -154,7 +155,8 @@ def pretrain_llm(out, tok_path, corpus, steps=400, batch=32, seq=128, lr=1e-3, s
         opt.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     os.makedirs(out, exist_ok=True)
-    write_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out, "model.safetensors"))
+    write_safetensors({k: v.contiguous() for k, v in model.state_dict().items()},
+                      os.path.join(out, "model.safetensors"))
     hf = {k: v for k, v in vars(cfg).items()} | {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
                                                  "hidden_act": "silu"}
     json.dump(hf, open(os.path.join(out, "config.json"), "w"), indent=2)
