@@ -264,6 +264,9 @@ def check(cfg, world):
     if cfg.micro_batch < 1 or cfg.batch_size % (cfg.micro_batch * world) or cfg.batch_size < 1:
         raise UsageError(f"--batch-size {cfg.batch_size} is not a positive multiple of --micro-batch "
                          f"{cfg.micro_batch} x {world} processes")
+    if cfg.stage == 1 and cfg.projector_type == "identity":   # an optimizer without parameters: a traceback
+        raise UsageError("--projector-type identity has no weights: stage 1, which trains the projector alone, "
+                         "would train nothing")
     if cfg.lora and cfg.stage == 1:                # was ignored, and with llava-1.5 gave stage 1 LoRA's lr
         raise UsageError("--lora is for stage 2: stage 1 trains the projector alone")
     if not (cfg.max_steps or cfg.epochs > 0):

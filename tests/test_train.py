@@ -259,9 +259,11 @@ def test_loss_falls_on_shapes(tiny):
 @pytest.mark.parametrize("flags", [dict(micro_batch=0), dict(batch_size=0), dict(batch_size=6, micro_batch=4),
                                    dict(epochs=0), dict(max_steps=-1), dict(lr=-1e-3), dict(warmup_ratio=2.0),
                                    dict(hold_ratio=1.5), dict(max_length=0), dict(num_workers=-1), dict(grad_clip=-1.0),
-                                   dict(lora_dropout=1.5), dict(projector_type="mlp_gelu")])
+                                   dict(lora_dropout=1.5), dict(projector_type="mlp_gelu"),
+                                   dict(stage=1, projector_type="identity")])     # it was a ValueError traceback
 def test_bad_flags_are_one_line_and_exit_2(tiny, flags, capsys):
-    assert train.main(args(tiny, 2, "bad", **{"max_steps": 0, "epochs": 1} | flags)) == 2
+    stage, flags = flags.get("stage", 2), {k: v for k, v in flags.items() if k != "stage"}
+    assert train.main(args(tiny, stage, "bad", **{"max_steps": 0, "epochs": 1} | flags)) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --") and err.count("\n") == 1, err            # before the model is loaded
     assert f"--{next(iter(flags)).replace('_', '-')} " in err
