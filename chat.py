@@ -111,6 +111,9 @@ def main(argv=None):
     pixels = process_image(image, vc.image_size, model.cfg.image_aspect_ratio, vc.image_mean, vc.image_std)
     pixels = pixels[None].to(device)
     stop_id = tok.newline_id if t.plain else tok.eos_id   # a stage-1 model only ever learned "caption\n"
+    if t.plain:                                    # (the official `plain` template drops the instruction)
+        print("note: a stage-1 model (the plain template) reads no question; every answer is a caption",
+              file=sys.stderr)
     max_len = model.cfg.text.max_position_embeddings
     cache, last = None, None
     gen = torch.Generator(device=device).manual_seed(args.seed)    # one random stream for the whole chat

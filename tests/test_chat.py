@@ -41,6 +41,17 @@ def test_one_shot_answer(scene_png):
     assert r.stdout.strip() == "3"
 
 
+def test_a_stage_1_model_says_it_reads_no_question(scene_png):
+    """The plain template (stage 1) drops the instruction: the answer is a caption whatever is asked. chat.py gave
+    one without a word, which reads as a model that ignores the user."""
+    note = "note: a stage-1 model (the plain template) reads no question; every answer is a caption\n"
+    r = chat(scene_png, "-p", "What color is the circle?", "--model", os.path.join(ROOT, "models", "shapes-stage1"),
+             "--temperature", "0", "--max-new-tokens", "12")
+    assert r.returncode == 0 and note in r.stderr and r.stdout.strip(), r.stderr
+    r = chat(scene_png, "-p", COUNT, "--temperature", "0")                  # a stage-2 model reads it: no note
+    assert r.returncode == 0 and "note:" not in r.stderr
+
+
 def test_a_literal_image_tag_in_the_prompt_is_text(scene_png):
     r = chat(scene_png, "-p", "What does <image> mean?", "--max-new-tokens", "4")   # was a ValueError traceback
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
