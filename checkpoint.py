@@ -210,7 +210,9 @@ def load_weights(model, sources, dtype, device, fresh=()):
         half = " (bfloat16 needs half: --dtype bfloat16 in chat.py and eval.py)" if dtype.itemsize == 4 else ""
         raise CheckpointError(f"{where}: the weights need {need / 2**30:.1f} GiB in {dtype}; {device} has "
                               f"{free / 2**30:.1f} GiB free{half}")
-    for path, key_map in tqdm(files, desc="loading shards", disable=len(files) < 2):
+    # progress in bytes, so that one large file shows it too (ours is one model.safetensors); quiet under 1 GiB
+    bar = tqdm(total=need, desc="loading weights", unit="B", unit_scale=True, unit_divisor=1024, disable=need < 2**30)
+    for path, key_map in files:
         for key, t in read_tensors(path):
             name = key_map(key)
             if name is None or (tied and name == head):
@@ -228,6 +230,8 @@ def load_weights(model, sources, dtype, device, fresh=()):
             else:
                 module._buffers[leaf] = t
             seen.add(name)
+            bar.update(t.numel() * t.element_size())
+    bar.close()
     missing = [k for k in expected if k not in seen]
     if missing:
         raise CheckpointError(f"{where}: missing key {missing[0]}" +
