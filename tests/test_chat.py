@@ -39,6 +39,7 @@ def test_one_shot_answer(scene_png):
     r = chat(scene_png, "-p", COUNT, "--temperature", "0")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "3"
+    assert r.stderr == ""                # for scripts and pipes: no progress bar for a model loaded in a blink
 
 
 def test_a_stage_1_model_says_it_reads_no_question(scene_png):
