@@ -281,7 +281,7 @@ def test_no_validation_set_means_no_validation_loss(tiny, capsys):
     assert metrics(tiny, "noval")["val"] == [] and "no validation set" in capsys.readouterr().out
     (tiny / "empty.json").write_text("[]")                                        # an empty --val-data is a mistake
     assert train.main(args(tiny, 1, "noval", max_steps=2, val_data=tiny / "empty.json")) == 2
-    assert capsys.readouterr().err.endswith(f"\nerror: {tiny / 'empty.json'}: no samples to validate on\n")
+    assert capsys.readouterr().err == f"error: {tiny / 'empty.json'}: no samples to validate on\n"
 
 
 def test_a_file_too_small_for_a_batch_says_how_many_validation_took(tiny, capsys):
@@ -291,8 +291,8 @@ def test_a_file_too_small_for_a_batch_says_how_many_validation_took(tiny, capsys
     (tiny / "five.json").write_text(json.dumps(samples))
     assert train.main(args(tiny, 1, "small", data=tiny / "five.json", val_samples=128, batch_size=4,
                            micro_batch=2)) == 2
-    assert capsys.readouterr().err.endswith(f"\nerror: {tiny / 'five.json'}: 0 training samples (5 of its 5 held "
-                                            f"out by --val-samples), fewer than a batch of 4\n")
+    assert capsys.readouterr().err == (f"error: {tiny / 'five.json'}: 0 training samples (5 of its 5 held out by "
+                                       f"--val-samples), fewer than a batch of 4\n")
     assert train.main(args(tiny, 1, "small", data=tiny / "five.json", val_samples=2, batch_size=4,
                            micro_batch=2)) == 2
     assert capsys.readouterr().err.endswith(": 3 training samples (2 of its 5 held out by --val-samples), fewer "
