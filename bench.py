@@ -14,7 +14,6 @@ Timings are medians over --iters runs after a warm-up. Results (and the machine)
 """
 import argparse
 import contextlib
-import json
 import os
 import platform
 import signal
@@ -28,7 +27,7 @@ import torch
 import llama
 import vit
 from chat import known_device
-from checkpoint import free_memory, llava_hf_key
+from checkpoint import free_memory, llava_hf_key, write_json
 from data import DataError, whole, writable_dir
 from model import IMAGE_TOKEN_INDEX, LlavaConfig, Llava
 
@@ -345,9 +344,8 @@ def main(argv=None):
     except MemoryError as e:                    # (the configs before it are measured and written)
         print(f"error: {e}", file=sys.stderr)
         code = 2
-    with open(args.out, "w") as f:
-        json.dump(dict(machine=machine, torch=torch.__version__, date=time.strftime("%Y-%m-%d"), argv=sys.argv[1:],
-                       results=results), f, indent=1)
+    write_json(args.out, dict(machine=machine, torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
+                              argv=sys.argv[1:], results=results), indent=1)
     return code
 
 

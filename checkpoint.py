@@ -14,6 +14,7 @@ an error naming the file and the key. Only keys known to be unused are skipped, 
                                                   on top of a base LLM dir and a CLIP dir
     llava-hf      text_config + vision_config     language_model.* / vision_tower.* / multi_modal_projector.*
 """
+import contextlib
 import ctypes
 import json
 import math
@@ -70,9 +71,22 @@ def read_safetensors(path):
             yield key, buf.view(DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
+@contextlib.contextmanager
+def replacing(path, suffix=".tmp"):
+    """Write to a temporary name, then rename it over `path` (atomic): a crash mid-write never leaves a half-written
+    file under its name, nor destroys the good one that was there. Weights, configs, snapshots, records and eval
+    answers are all written so."""
+    yield path + suffix
+    os.replace(path + suffix, path)
+
+
+def write_json(path, obj, indent=2):
+    with replacing(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=indent)
+
+
 def write_safetensors(tensors: dict, path, metadata=None):
-    """Write tensors one at a time (safetensors.torch.save_file would first copy them all into one buffer).
-    Written to a temporary name and renamed, so a crash never leaves a half-written file under `path`."""
+    """Write tensors one at a time (safetensors.torch.save_file would first copy them all into one buffer)."""
     names = {v: k for k, v in DTYPES.items()}
     header, offset = {"__metadata__": metadata or {"format": "pt"}}, 0
     for k, t in tensors.items():
@@ -81,11 +95,10 @@ def write_safetensors(tensors: dict, path, metadata=None):
         offset += nbytes
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)                               # pad so the data starts 8-byte aligned
-    with open(path + ".tmp", "wb") as f:
+    with replacing(path) as tmp, open(tmp, "wb") as f:
         f.write(len(head).to_bytes(8, "little") + head)
         for t in tensors.values():
             f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
-    os.replace(path + ".tmp", path)
 
 
 def read_bin(path):
@@ -445,12 +458,11 @@ def save_llava(model, directory, tokenizer_path=None):
     if model.cfg.text.tie_word_embeddings:
         sd.pop("language_model.lm_head.weight")
     write_safetensors(sd, os.path.join(directory, "model.safetensors"))
-    with open(os.path.join(directory, "config.json.tmp"), "w") as f:
-        json.dump(model.cfg.to_dict(), f, indent=2)
-    os.replace(os.path.join(directory, "config.json.tmp"), os.path.join(directory, "config.json"))
+    write_json(os.path.join(directory, "config.json"), model.cfg.to_dict())
     target = os.path.join(directory, "tokenizer.model")
     if tokenizer_path and os.path.abspath(tokenizer_path) != os.path.abspath(target):
-        shutil.copyfile(tokenizer_path, target)
+        with replacing(target) as tmp:
+            shutil.copyfile(tokenizer_path, tmp)
 
 
 def save_projector(model, directory, model_base, vision_tower):
@@ -459,7 +471,8 @@ def save_projector(model, directory, model_base, vision_tower):
     os.makedirs(directory, exist_ok=True)
     sd = {"mm_projector." + k: v.detach().cpu().contiguous() for k, v in model.mm_projector.state_dict().items()}
     write_safetensors(sd, os.path.join(directory, "mm_projector.safetensors"))
-    torch.save({"model." + k: v for k, v in sd.items()}, os.path.join(directory, "mm_projector.bin"))
+    with replacing(os.path.join(directory, "mm_projector.bin")) as tmp:
+        torch.save({"model." + k: v for k, v in sd.items()}, tmp)
     write_llava_config(model, directory, model_base, vision_tower, tune_mm_mlp_adapter=True)
 
 
@@ -467,13 +480,12 @@ def write_llava_config(model, directory, model_base, vision_tower, **extra):
     """The official-style config.json of a dir that holds only part of a LLaVA (a stage-1 projector, LoRA
     adapters): the base LLM's config plus model.cfg's mm_* settings, the base LLM and CLIP named relative to it."""
     c = model.cfg
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(read_json(os.path.join(model_base, "config.json")) | dict(
-            _name_or_path=os.path.relpath(model_base, directory), model_type="llava",
-            mm_vision_tower=os.path.relpath(vision_tower, directory), mm_hidden_size=c.vision.hidden_size,
-            mm_projector_type=c.projector_type, mm_vision_select_layer=c.vision_feature_layer,
-            mm_vision_select_feature=c.vision_feature_select, image_aspect_ratio=c.image_aspect_ratio,
-            mm_use_im_start_end=False, mm_use_im_patch_token=False) | extra, f, indent=2)
+    write_json(os.path.join(directory, "config.json"), read_json(os.path.join(model_base, "config.json")) | dict(
+        _name_or_path=os.path.relpath(model_base, directory), model_type="llava",
+        mm_vision_tower=os.path.relpath(vision_tower, directory), mm_hidden_size=c.vision.hidden_size,
+        mm_projector_type=c.projector_type, mm_vision_select_layer=c.vision_feature_layer,
+        mm_vision_select_feature=c.vision_feature_select, image_aspect_ratio=c.image_aspect_ratio,
+        mm_use_im_start_end=False, mm_use_im_patch_token=False) | extra)
 
 
 # ------------------------------------------------------------------------------- resumable training snapshots
@@ -485,8 +497,8 @@ def save_snapshot(path, model, opt, scaler, step, metrics, config: dict):
                  rng=dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
                           cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)                # a crash mid-write never corrupts the last good snapshot
+    with replacing(path) as tmp:                   # a crash mid-write never corrupts the last good snapshot
+        torch.save(state, tmp)
 
 
 def load_snapshot(path, model, opt, scaler, config: dict, defaults: dict):

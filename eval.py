@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from chat import known_device, load_model
-from checkpoint import CheckpointError, need_dirs
+from checkpoint import CheckpointError, need_dirs, replacing, write_json
 from data import (CONV_TEMPLATES, IMAGE_TOKEN, DataError, load_image, process_image, tokenizer_image_token, whole,
                   writable_dir)
 from model import IMAGE_TOKEN_INDEX
@@ -116,7 +116,7 @@ def resume(partial, settings):
         raise DataError(f"{partial}: left by an interrupted run with other settings; run it again with those, "
                         f"or delete the file to start over")
     lines = [{"settings": settings}] + [dict(i=i, text=t) for i, t in done.items()]
-    with open(partial, "w") as f:                          # rewritten whole: no cut line is left to append to
+    with replacing(partial) as tmp, open(tmp, "w") as f:   # rewritten whole: no cut line is left to append to
         f.writelines(json.dumps(x) + "\n" for x in lines)
     return done
 
@@ -182,7 +182,7 @@ def main(argv=None):
         kept = f"the answers so far are in {partial}; " if os.path.exists(partial) else ""
         print(f"\ninterrupted: {kept}the same command continues", file=sys.stderr)
         return 130
-    with open(path, "w") as f:                     # "prompt" is the question's text, as model_vqa_loader.py
+    with replacing(path) as tmp, open(tmp, "w") as f:   # "prompt": the question's text, as model_vqa_loader.py
         for q, a in zip(questions, answers):       # writes it (cur_prompt = line["text"]), not the templated prompt
             aid = hashlib.sha1(f"{name}:{q['question_id']}:{a}".encode()).hexdigest()[:22]
             f.write(json.dumps(dict(question_id=q["question_id"], prompt=q["text"], text=a, answer_id=aid,
@@ -190,8 +190,7 @@ def main(argv=None):
     os.remove(partial)                             # every answer is in `path` now
     scores = score(questions, answers)
     if scores:
-        with open(os.path.splitext(path)[0] + "-accuracy.json", "w") as f:
-            json.dump(scores, f, indent=1)
+        write_json(os.path.splitext(path)[0] + "-accuracy.json", scores, indent=1)
         for c, s in scores.items():
             print(f"{c:>12}: {s['accuracy']:7.2%}  ({s['n']} questions)")
     print(f"answers: {path}")

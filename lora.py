@@ -13,7 +13,7 @@ import os
 import torch
 import torch.nn as nn
 
-from checkpoint import write_llava_config, write_safetensors
+from checkpoint import replacing, write_json, write_llava_config, write_safetensors
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -78,7 +78,8 @@ def save_adapter(model, directory, r, alpha, dropout, base_path=""):
                       os.path.join(directory, "adapter_model.safetensors"))
     projector = {"base_model.model.model.mm_projector." + k: v.detach().cpu()
                  for k, v in model.mm_projector.state_dict().items()}
-    torch.save(projector, os.path.join(directory, "non_lora_trainables.bin"))
-    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
-        json.dump(dict(peft_type="LORA", task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=dropout,
-                       bias="none", target_modules=list(TARGETS), base_model_name_or_path=base_path), f, indent=2)
+    with replacing(os.path.join(directory, "non_lora_trainables.bin")) as tmp:
+        torch.save(projector, tmp)
+    write_json(os.path.join(directory, "adapter_config.json"), dict(
+        peft_type="LORA", task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
+        target_modules=list(TARGETS), base_model_name_or_path=base_path))

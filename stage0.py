@@ -13,7 +13,6 @@ Stages 1 and 2 then load them exactly as they load openai/clip-vit-large-patch14
 
     python train.py --stage 0         # models/shapes-clip and models/shapes-llama (a few minutes on 2 CPU cores)
 """
-import json
 import math
 import os
 import random
@@ -28,7 +27,7 @@ from tqdm import tqdm
 import llama
 import shapes
 import vit
-from checkpoint import write_safetensors
+from checkpoint import replacing, write_json, write_safetensors
 from data import Tokenizer, process_image, writable_dir
 
 
@@ -122,10 +121,10 @@ def pretrain_clip(out, tok, steps=600, batch=128, lr=3e-4, seed=0):
     config = {"model_type": "clip", "architectures": ["CLIPModel"], "projection_dim": vcfg.projection_dim,
               "vision_config": {k: v for k, v in vars(vcfg).items() if k not in ("image_mean", "image_std")}
               | {"model_type": "clip_vision_model"}, "text_config": vars(tcfg) | {"model_type": "llama"}}
-    json.dump(config, open(os.path.join(out, "config.json"), "w"), indent=2)
-    json.dump({"image_mean": list(vcfg.image_mean), "image_std": list(vcfg.image_std), "size": vcfg.image_size,
-               "crop_size": vcfg.image_size, "resample": 3}, open(os.path.join(out, "preprocessor_config.json"), "w"),
-              indent=2)
+    write_json(os.path.join(out, "config.json"), config)
+    write_json(os.path.join(out, "preprocessor_config.json"), {
+        "image_mean": list(vcfg.image_mean), "image_std": list(vcfg.image_std), "size": vcfg.image_size,
+        "crop_size": vcfg.image_size, "resample": 3})
     return clip_loss.item(), word_loss.item()
 
 
@@ -159,8 +158,9 @@ def pretrain_llm(out, tok_path, corpus, steps=400, batch=32, seq=128, lr=1e-3, s
                       os.path.join(out, "model.safetensors"))
     hf = {k: v for k, v in vars(cfg).items()} | {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
                                                  "hidden_act": "silu"}
-    json.dump(hf, open(os.path.join(out, "config.json"), "w"), indent=2)
-    shutil.copyfile(tok_path, os.path.join(out, "tokenizer.model"))
+    write_json(os.path.join(out, "config.json"), hf)
+    with replacing(os.path.join(out, "tokenizer.model")) as tmp:
+        shutil.copyfile(tok_path, tmp)
     return loss.item()
 
 

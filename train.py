@@ -15,7 +15,6 @@ metrics.json in --log-dir (output/). Ctrl-C saves a checkpoint; --resume continu
 """
 import argparse
 import contextlib
-import json
 import math
 import os
 import signal
@@ -27,7 +26,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, load_components, load_snapshot, need_dirs, save_projector, save_snapshot
+from checkpoint import (CheckpointError, load_components, load_snapshot, need_dirs, replacing, save_projector,
+                        save_snapshot, write_json)
 from data import CONV_TEMPLATES, DataError, LlavaDataset, Tokenizer, collate, modality_grouped_order, writable_dir
 from lora import apply_lora, merge_lora, save_adapter
 from model import IGNORE_INDEX, Llava
@@ -225,9 +225,9 @@ def plot(metrics, path):
         ax.plot([m["step"] for m in metrics["val"]], [m["loss"] for m in metrics["val"]], "o-", label="validation")
     ax.set(xlabel="optimizer step", ylabel="loss (token mean)", title=metrics["title"])
     ax.legend()
-    fig.savefig(path + ".tmp.png", dpi=110)
+    with replacing(path, ".tmp.png") as tmp:      # (matplotlib picks the format from the extension)
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)
 
 
 # ------------------------------------------------------------------------------------------------------- train
@@ -433,9 +433,7 @@ def _train(cfg: TrainConfig):
 
 def write_records(metrics, log_dir):
     os.makedirs(log_dir, exist_ok=True)
-    with open(os.path.join(log_dir, "metrics.json.tmp"), "w") as f:
-        json.dump(metrics, f, indent=1)
-    os.replace(os.path.join(log_dir, "metrics.json.tmp"), os.path.join(log_dir, "metrics.json"))
+    write_json(os.path.join(log_dir, "metrics.json"), metrics, indent=1)
     plot(metrics, os.path.join(log_dir, "loss.png"))
 
 

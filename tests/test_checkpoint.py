@@ -221,6 +221,31 @@ def test_weights_larger_than_the_free_memory_are_refused_before_any_is_read(layo
     assert 2**20 < checkpoint.free_memory(torch.device("cpu")) < float("inf")   # this Linux machine's, read for real
 
 
+def test_a_write_cut_short_leaves_the_file_that_was_there_whole(layouts, tmp_path, monkeypatch):
+    """Every file is written under a temporary name and renamed over the old one (checkpoint.replacing). Here
+    torch.save dies halfway through stage 1's mm_projector.bin (Ctrl-C, a full disk, a killed job): the one
+    from the run before stays as it was. mm_projector.bin and the adapter files were written in place."""
+    import checkpoint
+    d, _, _ = layouts
+    shutil.copytree(d["stage1"], tmp_path / "x")
+    before = (tmp_path / "x" / "mm_projector.bin").read_bytes()
+    model = Llava.from_pretrained(str(tmp_path / "x"), device="cpu")
+    torch.nn.init.normal_(model.mm_projector[0].weight)                      # new weights to write
+
+    def save_half(obj, path):
+        open(path, "wb").write(before[:len(before) // 2])
+        raise KeyboardInterrupt
+    monkeypatch.setattr(checkpoint.torch, "save", save_half)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_projector(model, str(tmp_path / "x"), d["base"], d["clip"])
+    assert (tmp_path / "x" / "mm_projector.bin").read_bytes() == before
+    monkeypatch.undo()
+    checkpoint.save_projector(model, str(tmp_path / "x"), d["base"], d["clip"])        # uncut: replaced
+    assert (tmp_path / "x" / "mm_projector.bin").read_bytes() != before
+    torch.testing.assert_close(Llava.from_pretrained(str(tmp_path / "x"), device="cpu").mm_projector[0].weight,
+                               model.mm_projector[0].weight)
+
+
 class Evil:
     def __reduce__(self):
         return (print, ("this would run arbitrary code",))
