@@ -480,8 +480,9 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     except torch.cuda.OutOfMemoryError as e:       # a setting to change, not a bug: say which
-        print(f"error: {'. '.join(str(e).split('. ')[:2])}: lower --micro-batch (the global --batch-size stays), or "
-              f"add --grad-checkpointing, or --lora", file=sys.stderr)
+        tips = (["lower --micro-batch (the global --batch-size stays)"] + ["add --grad-checkpointing"] * (
+            not cfg.grad_checkpointing) + ["use --lora"] * (cfg.stage == 2 and not cfg.lora))
+        print(f"error: {'. '.join(str(e).split('. ')[:2])}: {', or '.join(tips)}", file=sys.stderr)
         return 2
     if model is not None:                          # rank 0 writes the result
         export(model, cfg, model.tokenizer_path)

@@ -306,9 +306,13 @@ def test_out_of_gpu_memory_is_one_line_saying_what_to_change(tiny, monkeypatch, 
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.95 GiB. GPU 0 has a total "
                                           "capacity of 79.1 GiB of which 1.2 GiB is free. Including non-PyTorch ...")
     monkeypatch.setattr(train, "train", oom)
-    assert train.main(args(tiny, 2, "oom", max_steps=1)) == 2
-    assert capsys.readouterr().err == ("error: CUDA out of memory. Tried to allocate 1.95 GiB: lower --micro-batch "
-                                       "(the global --batch-size stays), or add --grad-checkpointing, or --lora\n")
+    said = "error: CUDA out of memory. Tried to allocate 1.95 GiB: lower --micro-batch (the global --batch-size stays)"
+    for flags, tips in [(dict(), ", or add --grad-checkpointing, or use --lora"),       # only what is not on yet
+                        (dict(grad_checkpointing=True, lora=True), ""),
+                        (dict(stage=1), ", or add --grad-checkpointing")]:                  # (no LoRA in stage 1)
+        stage, flags = flags.get("stage", 2), {k: v for k, v in flags.items() if k != "stage"}
+        assert train.main(args(tiny, stage, "oom", max_steps=1, **flags)) == 2
+        assert capsys.readouterr().err == said + tips + "\n"
 
 
 def test_a_validation_batch_of_unreadable_images_does_not_end_the_run(tiny, capsys):
