@@ -104,7 +104,7 @@ def write_safetensors(tensors: dict, path, metadata=None):
 def read_bin(path):
     """Yield (key, tensor) from a pickled PyTorch state dict, only through torch.load(weights_only=True)."""
     with open(path, "rb") as f:                    # torch.save writes a zip archive (PK...), before 1.6 a pickle
-        if f.read(2)[:1] not in (b"P", b"\x80"):
+        if f.read(1) not in (b"P", b"\x80"):
             raise CheckpointError(f"{path}: not a PyTorch file (neither a zip archive nor a pickle)")
     try:
         try:
