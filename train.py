@@ -328,7 +328,7 @@ def _train(cfg: TrainConfig):
         0, len(mine), cfg.micro_batch)], collate_fn=coll)
     steps_per_epoch = len(train_idx) // cfg.batch_size
     if steps_per_epoch == 0:                    # (a small file can lose them all to the default validation set)
-        held = "" if cfg.val_data else f" ({len(val_idx)} of its {len(ds)} held out by --val-samples)"
+        held = f" ({len(val_idx)} of its {len(ds)} held out by --val-samples)" if val_idx and not cfg.val_data else ""
         raise DataError(f"{cfg.data}: {len(train_idx)} training samples{held}, fewer than a batch of {cfg.batch_size}")
     total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
 

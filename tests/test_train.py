@@ -297,6 +297,9 @@ def test_a_file_too_small_for_a_batch_says_how_many_validation_took(tiny, capsys
                            micro_batch=2)) == 2
     assert capsys.readouterr().err.endswith(": 3 training samples (2 of its 5 held out by --val-samples), fewer "
                                             "than a batch of 4\n")
+    (tiny / "none.json").write_text("[]")                     # an empty file: nothing was held out of it
+    assert train.main(args(tiny, 1, "small", data=tiny / "none.json", batch_size=4, micro_batch=2)) == 2
+    assert capsys.readouterr().err == f"error: {tiny / 'none.json'}: 0 training samples, fewer than a batch of 4\n"
 
 
 def test_out_of_gpu_memory_is_one_line_saying_what_to_change(tiny, monkeypatch, capsys):
