@@ -75,9 +75,17 @@ def read_safetensors(path):
 def replacing(path, suffix=".tmp"):
     """Write to a temporary name, then rename it over `path` (atomic): a crash mid-write never leaves a half-written
     file under its name, nor destroys the good one that was there. Weights, configs, snapshots, records and eval
-    answers are all written so."""
-    yield path + suffix
-    os.replace(path + suffix, path)
+    answers are all written so. A write that fails (a full disk) removes its temporary file and is one line."""
+    tmp = path + suffix
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)                     # a 10 GB half-snapshot must not stay on the disk it filled
+        if isinstance(e, OSError):
+            raise CheckpointError(f"{path}: cannot write ({e.strerror or e})") from None
+        raise
 
 
 def write_json(path, obj, indent=2):

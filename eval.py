@@ -173,6 +173,12 @@ def main(argv=None):
         template = args.conv_mode or model.cfg.conv_template
         _, answers = answer(model, tok, questions, args.image_folder, template, args.batch_size,
                             args.max_new_tokens, args.blind, done, partial)
+        with replacing(path) as tmp, open(tmp, "w") as f:   # "prompt": the question's text, as model_vqa_loader.py
+            for q, a in zip(questions, answers):   # writes it (cur_prompt = line["text"]), not the templated prompt
+                aid = hashlib.sha1(f"{name}:{q['question_id']}:{a}".encode()).hexdigest()[:22]
+                f.write(json.dumps(dict(question_id=q["question_id"], prompt=q["text"], text=a, answer_id=aid,
+                                        model_id=name, metadata={})) + "\n")
+        os.remove(partial)                         # every answer is in `path` now (a full disk: still in partial)
     except (DataError, CheckpointError, torch.cuda.OutOfMemoryError) as e:   # mid-run: the answers so far are kept
         oom = isinstance(e, torch.cuda.OutOfMemoryError)
         print(f"error: {e}" + ("; the answers so far are kept: run again with a smaller --batch-size" if oom else ""),
@@ -182,12 +188,6 @@ def main(argv=None):
         kept = f"the answers so far are in {partial}; " if os.path.exists(partial) else ""
         print(f"\ninterrupted: {kept}the same command continues", file=sys.stderr)
         return 130
-    with replacing(path) as tmp, open(tmp, "w") as f:   # "prompt": the question's text, as model_vqa_loader.py
-        for q, a in zip(questions, answers):       # writes it (cur_prompt = line["text"]), not the templated prompt
-            aid = hashlib.sha1(f"{name}:{q['question_id']}:{a}".encode()).hexdigest()[:22]
-            f.write(json.dumps(dict(question_id=q["question_id"], prompt=q["text"], text=a, answer_id=aid,
-                                    model_id=name, metadata={})) + "\n")
-    os.remove(partial)                             # every answer is in `path` now
     scores = score(questions, answers)
     if scores:
         write_json(os.path.splitext(path)[0] + "-accuracy.json", scores, indent=1)

@@ -245,7 +245,8 @@ def train(cfg: TrainConfig):
     """Run a stage; return the trained (unmerged) model on rank 0, None on the others."""
     old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return _train(cfg)
+        with contextlib.ExitStack() as closing:   # the progress bar ends before an error is printed, not after
+            return _train(cfg, closing)
     finally:                                      # give Ctrl-C back as it was (a notebook kernel needs it)
         for s, h in old.items():
             signal.signal(s, h)
@@ -281,7 +282,7 @@ def run_dirs(cfg):
     return name, cfg.ckpt_dir or os.path.join("checkpoints", name), cfg.log_dir or os.path.join("output", name)
 
 
-def _train(cfg: TrainConfig):
+def _train(cfg: TrainConfig, closing):
     # DDP the nanoGPT way: torchrun sets RANK/WORLD_SIZE; each process runs this same code on its share
     ddp = "RANK" in os.environ
     rank, world, local = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
@@ -345,7 +346,8 @@ def _train(cfg: TrainConfig):
     stop = []                                   # Ctrl-C / SIGTERM: finish the step, save, exit
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.append(1))
-    bar = tqdm(total=total, initial=step, disable=not master, desc=f"stage {cfg.stage}", dynamic_ncols=True)
+    bar = closing.enter_context(tqdm(total=total, initial=step, disable=not master, desc=f"stage {cfg.stage}",
+                                     dynamic_ncols=True))
     t_start = time.time()
     while step < total:
         epoch, first = divmod(step, steps_per_epoch)
@@ -415,7 +417,6 @@ def _train(cfg: TrainConfig):
                 save_snapshot(ckpt_path, raw, opt, scaler, step, metrics, asdict(cfg))
                 write_records(metrics, log_dir)
             if interrupted:
-                bar.close()
                 if ddp:                         # leave together: a rank that tears gloo down while rank 0
                     dist.barrier()              # still saves can abort ("terminate called...", seen once in CI)
                     dist.destroy_process_group()
@@ -423,7 +424,6 @@ def _train(cfg: TrainConfig):
                                   f"with --resume")
             if step >= total:
                 break
-    bar.close()
     if ddp:
         dist.barrier()                             # as above: no rank leaves while rank 0 still writes
         dist.destroy_process_group()
@@ -485,7 +485,11 @@ def main(argv=None):
         print(f"error: {'. '.join(str(e).split('. ')[:2])}: {', or '.join(tips)}", file=sys.stderr)
         return 2
     if model is not None:                          # rank 0 writes the result
-        export(model, cfg, model.tokenizer_path)
+        try:
+            export(model, cfg, model.tokenizer_path)
+        except CheckpointError as e:               # a full disk, say: the final snapshot stays, --resume writes again
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         m = model.metrics
         val = f"validation {m['val'][-1]['loss']:.4f}" if m["val"] else "no validation set"
         print(f"stage {cfg.stage} done: {len(m['train'])} steps, final loss {m['train'][-1]['loss']:.4f}, {val}; "

@@ -302,6 +302,31 @@ def test_a_file_too_small_for_a_batch_says_how_many_validation_took(tiny, capsys
     assert capsys.readouterr().err == f"error: {tiny / 'none.json'}: 0 training samples, fewer than a batch of 4\n"
 
 
+def test_a_full_disk_keeps_the_last_snapshot_and_leaves_no_half_file(tiny, monkeypatch, capsys):
+    """The disk fills while the step-4 snapshot is written (a 7B run's are tens of GB): one line and exit 2, the
+    step-2 snapshot whole, no half-written temporary left on the full disk; --resume continues from step 2. It was
+    an OSError traceback with the temporary file left behind."""
+    import errno
+    import checkpoint
+    save, calls = torch.save, []
+
+    def fills_the_disk(obj, path):
+        calls.append(path)
+        if len(calls) == 2:
+            open(path, "wb").write(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save(obj, path)
+    monkeypatch.setattr(checkpoint.torch, "save", fills_the_disk)
+    flags = args(tiny, 1, "full-disk", max_steps=6, ckpt_every=2)
+    ckpt = tiny / "ckpt" / "full-disk" / "ckpt.pt"
+    assert train.main(flags) == 2
+    assert capsys.readouterr().err.endswith(f"\nerror: {ckpt}: cannot write (No space left on device)\n")
+    assert os.listdir(ckpt.parent) == ["ckpt.pt"]
+    assert torch.load(ckpt, weights_only=False)["step"] == 2
+    monkeypatch.undo()
+    assert train.main(flags + ["--resume"]) == 0 and len(metrics(tiny, "full-disk")["train"]) == 6
+
+
 def test_out_of_gpu_memory_is_one_line_saying_what_to_change(tiny, monkeypatch, capsys):
     """Full fine-tuning of 7B on one GPU (README: out of reach without sharding) ended in a CUDA OOM traceback. CI
     has no GPU, so the error is raised where the run would meet it, inside train(); what is tested is the report."""
@@ -730,6 +755,32 @@ def test_eval_out_of_gpu_memory_keeps_the_answers_and_a_smaller_batch_continues(
     assert len(open(f"{out}.partial").readlines()) == 1 + 2 * 4          # the settings, two batches of answers
     calls[:] = [0, 0, 0]                                                  # (no more OOM)
     assert evaluate.main(flags + ["2"]) == 0 and sum(calls) == len(open(q).readlines()) - 8
+
+
+def test_eval_a_full_disk_at_the_end_keeps_every_answer_for_the_next_run(tiny, monkeypatch, capsys):
+    """Writing the answers file fails (a full disk): one line and exit 2, the answers still in .partial, and the
+    same command writes them without answering again. It was an OSError traceback."""
+    import errno
+    import eval as evaluate
+    q, out = tiny / "world" / "eval.jsonl", tiny / "disk.jsonl"
+    flags = ["--model", str(tiny / "stage1"), "--questions", str(q), "--image-folder", str(tiny / "world"),
+             "--max-new-tokens", "4", "--answers", str(out)]
+    replace = os.replace
+
+    def full(src, dst):
+        if dst == str(out):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        replace(src, dst)
+    monkeypatch.setattr(os, "replace", full)
+    assert evaluate.main(flags) == 2
+    assert capsys.readouterr().err.endswith(f"error: {out}: cannot write (No space left on device)\n")
+    assert not out.exists() and not os.path.exists(f"{out}.tmp")
+    n = len(open(q).readlines())
+    assert len(open(f"{out}.partial").readlines()) == 1 + n               # the settings, every answer
+    monkeypatch.undo()
+    calls, generate = [], Llava.generate
+    monkeypatch.setattr(Llava, "generate", lambda self, *a, **k: calls.append(1) or generate(self, *a, **k))
+    assert evaluate.main(flags) == 0 and calls == [] and len(open(out).readlines()) == n
 
 
 def test_eval_answers_that_cannot_be_written_are_refused_before_answering(tiny, capsys):
