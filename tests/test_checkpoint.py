@@ -239,6 +239,7 @@ def test_a_write_cut_short_leaves_the_file_that_was_there_whole(layouts, tmp_pat
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save_projector(model, str(tmp_path / "x"), d["base"], d["clip"])
     assert (tmp_path / "x" / "mm_projector.bin").read_bytes() == before
+    assert not (tmp_path / "x" / "mm_projector.bin.tmp").exists()             # nor is the half-written one left
     monkeypatch.undo()
     checkpoint.save_projector(model, str(tmp_path / "x"), d["base"], d["clip"])        # uncut: replaced
     assert (tmp_path / "x" / "mm_projector.bin").read_bytes() != before
