@@ -136,6 +136,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=False)
         self.o_proj = nn.Linear(nh * hd, cfg.hidden_size, bias=False)
+        self.gqa = nkv != nh               # GQA: each k/v head serves nh/n_kv query heads, which SDPA broadcasts
 
     def forward(self, x, cos, sin, mask, kv=None, start=0, last=False):
         # kv: this layer's cache (keys, values), each (B, n_kv, max_len, hd), or None. Not (cache, layer index):
@@ -154,15 +155,14 @@ class Attention(nn.Module):
             kv[1].index_copy_(2, start, v)      # shapes that never change, so the step compiles once
             k, v = kv                                                            # (B, n_kv, max_len, hd)
         elif kv is not None:                                             # write this chunk, read all so far
-            kv[0][:, :, start:start + T] = k
-            kv[1][:, :, start:start + T] = v
+            kv[0][:, :, start:start + T], kv[1][:, :, start:start + T] = k, v
             if start:           # a first chunk has nothing earlier to read (and may be one row for all B)
                 k, v = kv[0][:, :, :start + T], kv[1][:, :, :start + T]            # views, no copy
-        # GQA: each group of nh/n_kv query heads shares one k/v head, which SDPA broadcasts (enable_gqa): no copies
-        # a plain bool even when torch.compile traces T as a symbol (compile_inference's prefill): SDPA wants one
+        # both flags plain bools, also where torch.compile traces shapes as symbols (compile_inference's prefill):
+        # SDPA wants bools (torch 2.6 rejects an enable_gqa computed from k's and q's traced shapes); GQA: no copies
         causal = True if mask is None and Tq > 1 and start == 0 else False     # the last query sees all keys
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, :, -Tq:],
-                                           is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])  # (B,nh,Tq,hd)
+                                           is_causal=causal, enable_gqa=self.gqa)                 # (B,nh,Tq,hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, Tq, -1))        # (B, Tq, nh*hd) -> (B, Tq, D)
 
 
