@@ -148,7 +148,6 @@ def release_pages(t):
 
 
 def read_tensors(path):
-    no_lfs_pointer(path)
     return read_safetensors(path) if path.endswith(".safetensors") else read_bin(path)
 
 
@@ -423,7 +422,7 @@ def merge_adapters(model, path):
     if not files:
         raise CheckpointError(f"{path}: adapter_config.json but no adapter_model.safetensors or adapter_model.bin")
     pairs = {}
-    for key, t in read_tensors(files[0]):
+    for key, t in read_tensors(no_lfs_pointer(files[0])):     # (load_weights checked the weight files)
         half = next((h for h in (".lora_A.", ".lora_B.") if h in key), None)
         name = half and liuhaotian_key(key.replace("base_model.model.", "", 1).replace(half, ".", 1))
         if name is None:

@@ -259,15 +259,15 @@ def check(cfg, world):
         if bad := [k for k in names if not lo <= getattr(cfg, k) <= hi]:
             raise UsageError(f"--{bad[0].replace('_', '-')} {getattr(cfg, bad[0])} is outside [{lo}, {hi}]")
     try:                                           # projector.py knows the types it builds
-        build_projector(cfg.projector_type, 1, 1)
+        weights = list(build_projector(cfg.projector_type, 1, 1).parameters())
     except ValueError as e:
         raise UsageError(f"--projector-type {cfg.projector_type}: {e}") from None
     if cfg.micro_batch < 1 or cfg.batch_size % (cfg.micro_batch * world) or cfg.batch_size < 1:
         raise UsageError(f"--batch-size {cfg.batch_size} is not a positive multiple of --micro-batch "
                          f"{cfg.micro_batch} x {world} processes")
-    if cfg.stage == 1 and cfg.projector_type == "identity":   # an optimizer without parameters: a traceback
-        raise UsageError("--projector-type identity has no weights: stage 1, which trains the projector alone, "
-                         "would train nothing")
+    if cfg.stage == 1 and not weights:             # (identity) an optimizer without parameters: a traceback
+        raise UsageError(f"--projector-type {cfg.projector_type} has no weights: stage 1, which trains the "
+                         f"projector alone, would train nothing")
     if cfg.lora and cfg.stage == 1:                # was ignored, and with llava-1.5 gave stage 1 LoRA's lr
         raise UsageError("--lora is for stage 2: stage 1 trains the projector alone")
     if not (cfg.max_steps or cfg.epochs > 0):
