@@ -126,6 +126,18 @@ def test_dtype_and_meta_free_loading(layouts):
     assert m(IDS, px).dtype == torch.bfloat16
 
 
+def test_loading_runs_no_initialiser_and_does_not_import_torch_dynamo(layouts):
+    """The model is built on the meta device with its initialisers skipped: torch's normal_ on meta imports
+    torch._dynamo, a second of every chat.py start. In a fresh process, as chat.py and train.py --stage 1 load."""
+    d, _, _ = layouts
+    code = ("import sys; from model import Llava; from checkpoint import load_components; "
+            "Llava.from_pretrained(sys.argv[1], device='cpu'); load_components(Llava, sys.argv[2], sys.argv[3]); "
+            "print([m for m in sys.modules if m.startswith('torch._dynamo')])")
+    r = subprocess.run([sys.executable, "-c", code, d["ours"], d["base"], d["clip"]], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
 # ----------------------------------------------------------------------------------------------------- errors
 def edit_shard(src, dst, fn, fmt):
     """Copy a checkpoint dir and apply fn to the state dict of its first shard."""
