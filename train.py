@@ -15,8 +15,10 @@ metrics.json in --log-dir (output/). Ctrl-C saves a checkpoint; --resume continu
 """
 import argparse
 import contextlib
+import inspect
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -93,14 +95,16 @@ PRESETS = {   # --preset NAME --stage N picks f"{NAME}-stage{N}"; every field ca
                                  template="vicuna_v1", image_aspect_ratio="pad", lr=5e-4,
                                  batch_size=32, micro_batch=16, epochs=1, val_samples=128, eval_every=100,
                                  num_workers=1, group_by_modality=True, grad_clip=1.0, hold_ratio=0.8),
-    "llava-1.5-stage1": TrainConfig(data="", image_folder="", model_base="", vision_tower="", out="",
+    "llava-1.5-stage1": TrainConfig(data="", image_folder="", model_base="", vision_tower="", projector="", out="",
                                     grad_checkpointing=True, val_samples=1000, eval_every=200, num_workers=4),
-    "llava-1.5-stage2": TrainConfig(stage=2, data="", image_folder="", projector="", out="", template="vicuna_v1",
-                                    image_aspect_ratio="pad", lr=2e-5, batch_size=128, micro_batch=16,
-                                    group_by_modality=True, grad_checkpointing=True, val_samples=1000,
+    "llava-1.5-stage2": TrainConfig(stage=2, data="", image_folder="", model_base="", vision_tower="", projector="",
+                                    out="", template="vicuna_v1", image_aspect_ratio="pad", lr=2e-5, batch_size=128,
+                                    micro_batch=16, group_by_modality=True, grad_checkpointing=True, val_samples=1000,
                                     eval_every=200, num_workers=4),
 }
 LORA = dict(lr=2e-4, projector_lr=2e-5)            # finetune_lora.sh
+NEEDED = {1: ("data", "image_folder", "model_base", "vision_tower", "out"),   # by stage: llava-1.5 has no defaults
+          2: ("data", "image_folder", "projector", "out")}
 CHOICES = dict(stage=(0, 1, 2), template=tuple(CONV_TEMPLATES), image_aspect_ratio=("pad", "square"))
 LIMITS = {(0, math.inf): ("lr", "projector_lr", "weight_decay", "grad_clip", "num_workers", "val_samples", "eval_every",
                           "ckpt_every", "stop_after", "max_steps"),
@@ -438,15 +442,29 @@ def write_records(metrics, log_dir):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    look = argparse.ArgumentParser(add_help=False, allow_abbrev=False)   # a first look at the flags that pick the
+    look.add_argument("--preset", nargs="?", default="shapes")           # defaults, for --help to show them
+    look.add_argument("--stage", nargs="?", default="1")
+    look.add_argument("--lora", action="store_true")
+    seen = look.parse_known_args(argv)[0]
+    shown = f"{seen.preset}-stage{str(seen.stage).replace('0', '1')}"
+    shown = shown if shown in PRESETS else "shapes-stage1"
+    lora = seen.lora and shown.startswith("llava")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=f"The defaults shown are the preset {shown}'s{' with --lora' * lora}; "
+                                       f"`--preset llava-1.5 --stage 2 --help` shows that one's.")
     p.add_argument("--preset", default="shapes", help="shapes (the tiny world, default) or llava-1.5")
+    values, needed = {**asdict(PRESETS[shown]), **(LORA if lora else {}), "stage": 1}, NEEDED[PRESETS[shown].stage]
+    notes = dict(re.findall(r"^    (\w+): \w+ = .*?# (.*)$", inspect.getsource(TrainConfig), re.M))  # its comments
     for f in fields(TrainConfig):               # every config field is a flag: --micro-batch 8, --no-lora ...
-        flag = "--" + f.name.replace("_", "-")
+        flag, v = "--" + f.name.replace("_", "-"), values[f.name]
+        default = f"default {v}" if v != "" else "required" * (shown.startswith("llava") and f.name in needed)
+        kw = dict(help="; ".join(filter(None, [notes.get(f.name), default])).replace("%", "%%"))
         if f.type is bool or f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, **kw)
         else:
             p.add_argument(flag, type={"int": int, "float": float, "str": str}.get(str(f.type), f.type), default=None,
-                           choices=CHOICES.get(f.name))
+                           choices=CHOICES.get(f.name), **kw)
     args = p.parse_args(argv)
     stage = args.stage if args.stage is not None else 1
     key = f"{args.preset}-stage{max(1, stage)}"   # stage 0 writes where stage 1 reads
@@ -454,11 +472,8 @@ def parse_args(argv=None):
         p.error(f"no preset {args.preset!r}: choose shapes or llava-1.5")
     over = {k: v for k, v in vars(args).items() if k in {f.name for f in fields(TrainConfig)} and v is not None}
     cfg = replace(PRESETS[key], **({**LORA} if over.get("lora") and args.preset != "shapes" else {}), **over)
-    if args.preset == "llava-1.5":
-        missing = [f for f in (("data", "image_folder", "model_base", "vision_tower") if stage == 1 else
-                               ("data", "image_folder", "projector")) + ("out",) if not getattr(cfg, f)]
-        if missing:
-            p.error("--preset llava-1.5 needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
+    if args.preset == "llava-1.5" and (missing := [f for f in NEEDED[max(1, stage)] if not getattr(cfg, f)]):
+        p.error("--preset llava-1.5 needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
     return cfg
 
 

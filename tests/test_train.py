@@ -6,10 +6,11 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import pytest
 import torch
@@ -387,6 +388,29 @@ def test_a_value_outside_the_choices_is_refused_before_anything_runs(flag, value
     with pytest.raises(SystemExit) as e:            # --stage 3 trained as neither stage, then overwrote the output
         train.parse_args([flag, value])
     assert e.value.code == 2 and f"{flag}: invalid" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [[], ["--stage", "2"], ["--preset", "llava-1.5", "--stage", "2", "--lora"]])
+def test_help_shows_what_each_flag_is_and_the_default_this_preset_and_stage_would_use(argv, monkeypatch, capsys):
+    """--help printed every TrainConfig flag bare ("--lr LR"), with no meaning and no default (they hang on --preset
+    and --stage). Each line's default must be what parse_args then gives; llava-1.5's paths are "required"."""
+    monkeypatch.setenv("COLUMNS", "400")            # one line per flag
+    with pytest.raises(SystemExit):
+        train.parse_args(argv + ["--help"])
+    text = capsys.readouterr().out
+    lines = dict(re.findall(r"^  (--[\w-]+)[^\n]*?(?:  +|\n +)(\S[^\n]*)$", text, re.M))   # {flag: its help}
+    required = ["data", "image_folder", "projector", "out"] if "llava-1.5" in argv else []
+    cfg = train.parse_args(argv + [a for f in required for a in ("--" + f.replace("_", "-"), "somewhere")])
+    for f in fields(cfg):
+        flag, value = "--" + f.name.replace("_", "-"), getattr(cfg, f.name)
+        if flag in argv:                            # given, not a default
+            continue
+        if f.name in required:
+            assert lines[flag].endswith("required"), (flag, lines[flag])
+        elif value != "":
+            assert lines[flag].endswith(f"default {value}"), (flag, lines[flag], value)
+    assert "default 0.0002" in lines["--lr"] if "--lora" in argv else "a held-out LLaVA JSON" in lines["--val-data"]
+    assert lines["--stage"] == "default 1"
 
 
 def test_an_interrupted_run_resumes_exactly(tiny):
