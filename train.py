@@ -46,44 +46,44 @@ class Interrupted(Exception):
 
 @dataclass
 class TrainConfig:
-    stage: int = 1
-    data: str = "data/shapes/pretrain.json"       # LLaVA JSON: LCS-558K (stage 1), mix665k (stage 2)
-    image_folder: str = "data/shapes"
+    stage: int = 1                                 # 1: align the projector; 2: instruction tuning; 0: tiny CLIP, LLM
+    data: str = "data/shapes/pretrain.json"        # LLaVA JSON: LCS-558K (stage 1), mix665k (stage 2)
+    image_folder: str = "data/shapes"              # the root of the samples' relative "image" paths
     val_data: str = ""                             # a held-out LLaVA JSON; default: val_samples held out of `data`
-    val_samples: int = 200
+    val_samples: int = 200                         # held out of `data` for the validation loss (with no val_data)
     model_base: str = "models/shapes-llama"        # stage 1: the LLM (HF LLaMA/Vicuna dir)
     vision_tower: str = "models/shapes-clip"       # stage 1: the CLIP dir
     projector: str = "models/shapes-stage1"        # stage 2: stage 1's output dir
-    out: str = "models/shapes-stage1"
+    out: str = "models/shapes-stage1"              # where the trained model goes (stage 1: the projector)
     ckpt_dir: str = ""                             # default checkpoints/<name of out>
     log_dir: str = ""                              # default output/<name of out>
-    template: str = "plain"
+    template: str = "plain"                        # the conversation format: plain (stage 1), vicuna_v1 (stage 2)
     image_aspect_ratio: str = "square"             # stage 1 never set it (crop); stage 2 pads
-    projector_type: str = "mlp2x_gelu"
-    lr: float = 1e-3
+    projector_type: str = "mlp2x_gelu"             # LLaVA-1.5's two-layer MLP; linear is LLaVA-1's
+    lr: float = 1e-3                               # the peak lr: the projector's, the LLM's (stage 2), LoRA's
     projector_lr: float = 0.0                      # 0: same as lr (LoRA: the projector learns at 2e-5)
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0                      # AdamW's, on every trained weight
+    warmup_ratio: float = 0.03                     # share of the steps with the lr rising linearly from 0
     hold_ratio: float = 0.0                        # share of the steps at the peak lr before the decay (0: cosine)
-    epochs: float = 1.0
+    epochs: float = 1.0                            # passes over `data`; a fraction stops partway
     max_steps: int = 0                             # 0: the whole schedule
     stop_after: int = 0                            # save and exit after this step (a job's time limit); --resume
     batch_size: int = 256                          # global: micro_batch x accumulation x GPUs
-    micro_batch: int = 32
+    micro_batch: int = 32                          # samples in one forward and backward pass, per GPU
     max_length: int = 2048                         # text tokens, before each image becomes N positions
     grad_clip: float = 0.0                         # the official runs had none (DeepSpeed configs set none)
-    lora: bool = False
-    lora_r: int = 128
-    lora_alpha: int = 256
-    lora_dropout: float = 0.05
-    group_by_modality: bool = False
-    grad_checkpointing: bool = False
-    compile: bool = False                          # torch.compile each decoder block; no shared prefix (see below)
+    lora: bool = False                             # stage 2: LoRA adapters learn instead of the whole LLM
+    lora_r: int = 128                              # the adapters' rank
+    lora_alpha: int = 256                          # the adapters' scale is alpha / r
+    lora_dropout: float = 0.05                     # on the adapters' input
+    group_by_modality: bool = False                # image and text-only samples in batches of their own, by length
+    grad_checkpointing: bool = False               # recompute each decoder block in backward: less memory
+    compile: bool = False                          # torch.compile each decoder block (no shared prefix: build_model)
     eval_every: int = 0                            # steps between validation losses (0: at the end only)
     ckpt_every: int = 100                          # steps between snapshots (0: at the end and on Ctrl-C only)
-    num_workers: int = 2
-    seed: int = 42
-    resume: bool = False
+    num_workers: int = 2                           # DataLoader processes that read images and tokenize
+    seed: int = 42                                 # the projector's init, the held-out samples, the data order
+    resume: bool = False                           # continue from ckpt_dir's snapshot, exactly
 
 
 PRESETS = {   # --preset NAME --stage N picks f"{NAME}-stage{N}"; every field can be overridden on the command line
