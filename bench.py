@@ -291,18 +291,19 @@ def bench_load(path):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", choices=list(CONFIGS), action="append", help="default: tiny and 100m")
-    p.add_argument("--device", type=known_device, default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--iters", type=whole(1), default=5)
-    p.add_argument("--train-batch", type=whole(1), default=4)
-    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--device", type=known_device, default="cpu", help="default cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="default float32")
+    p.add_argument("--iters", type=whole(1), default=5, help="timed runs of each measurement, after a warm-up (default 5)")
+    p.add_argument("--train-batch", type=whole(1), default=4, help="samples per training step (default 4)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="in the training steps")
     p.add_argument("--compile", action="store_true",
                    help="ours: torch.compile decode step (on CUDA a CUDA graph), prefill and ViT")
     p.add_argument("--only", choices=["inference", "training"],
-                   help="training: ours alone, no transformers model on the device (the peak memory is ours)")
+                   help="only these figures; training: ours alone, no transformers model on the device (the peak "
+                   "memory is ours)")
     p.add_argument("--lora", action="store_true", help="stage 2 trains LoRA adapters (r 128), not the whole LLM")
     p.add_argument("--load", default=None, help="only measure the peak RSS of loading this checkpoint")
-    p.add_argument("--out", default="output/bench.json")
+    p.add_argument("--out", default="output/bench.json", help="the figures as JSON (default output/bench.json)")
     return p
 
 

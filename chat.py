@@ -65,9 +65,13 @@ def known_device(s):                      # an argparse type: a device this mach
     return s
 
 
+DEVICE_HELP = "default: cuda if there is one, else mps, else cpu"
+DTYPE_HELP = "default: bfloat16 on a GPU that has it, else float16; float32 on a CPU"
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("image")
+    p.add_argument("image", help="an image file (PNG, JPEG, anything PIL reads)")
     p.add_argument("-p", "--prompt", default=None, help="ask one question, print the answer, exit")
     p.add_argument("--model", default="models/shapes-llava", help="default: the bundled tiny Shapes LLaVA")
     p.add_argument("--vision-tower", default=None, help="the CLIP dir, for checkpoints that do not include it")
@@ -75,11 +79,12 @@ def build_parser():
     p.add_argument("--conv-mode", default=None, choices=sorted(CONV_TEMPLATES),
                    help="default: the template the checkpoint was trained with")
     p.add_argument("--temperature", type=number(0), default=0.2, help="0 is greedy (default 0.2, as the official CLI)")
-    p.add_argument("--top-p", type=number(0, 1), default=1.0)
-    p.add_argument("--max-new-tokens", type=whole(1), default=512)
-    p.add_argument("--device", type=known_device, default=None)
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-p", type=number(0, 1), default=1.0, help="sample from the likeliest tokens whose "
+                   "probabilities sum to p (default 1: all)")
+    p.add_argument("--max-new-tokens", type=whole(1), default=512, help="default 512")
+    p.add_argument("--device", type=known_device, default=None, help=DEVICE_HELP)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help=DTYPE_HELP)
+    p.add_argument("--seed", type=int, default=0, help="for sampling (default 0)")
     p.add_argument("--compile", action="store_true", help="torch.compile decode, prefill, ViT (on a GPU: CUDA graphs)")
     return p
 

@@ -564,7 +564,8 @@ def build_parser():
     import argparse
     p = argparse.ArgumentParser(description="checkpoint tools")
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("half", help="store a model directory's weights in fp16, in place").add_argument("dirs", nargs="+")
+    sub.add_parser("half", help="store a model directory's weights in fp16, in place").add_argument(
+        "dirs", nargs="+", help="model directories (their .safetensors files)")
     return p
 
 

@@ -411,16 +411,19 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("check", help="report every problem in a LLaVA JSON file")
-    c.add_argument("json")
+    c.add_argument("json", help="a LLaVA JSON file (a list of samples with conversations)")
     c.add_argument("--image-folder", default=None, help="check that each sample's image exists under this folder")
-    c.add_argument("--template", default="vicuna_v1", choices=sorted(CONV_TEMPLATES))
+    c.add_argument("--template", default="vicuna_v1", choices=sorted(CONV_TEMPLATES), help="default vicuna_v1")
     s = sub.add_parser("shapes", help="generate the Shapes world (images, JSON, eval, corpus, tokenizer)")
-    s.add_argument("--out", default="data/shapes")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--n-pretrain", type=whole(0), default=None)
-    s.add_argument("--n-instruct", type=whole(0), default=None)
-    s.add_argument("--n-instruct-extra", type=whole(0), default=None, help="stage-2 samples drawn after the eval split")
-    s.add_argument("--n-eval", type=whole(0), default=None)
+    import inspect, shapes
+    n = {k: v.default for k, v in inspect.signature(shapes.generate).parameters.items()}   # its defaults, for --help
+    s.add_argument("--out", default="data/shapes", help="default data/shapes")
+    s.add_argument("--seed", type=int, default=0, help="the same seed writes the same files (default 0)")
+    s.add_argument("--n-pretrain", type=whole(0), default=None, help=f"caption samples, stage 1 ({n['n_pretrain']:,})")
+    s.add_argument("--n-instruct", type=whole(0), default=None, help=f"stage-2 samples ({n['n_instruct']:,})")
+    s.add_argument("--n-instruct-extra", type=whole(0), default=None,
+                   help=f"more stage-2 samples, drawn after the eval split ({n['n_instruct_extra']:,})")
+    s.add_argument("--n-eval", type=whole(0), default=None, help=f"eval images ({n['n_eval']:,})")
     return p
 
 

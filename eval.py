@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from chat import known_device, load_model
+from chat import DEVICE_HELP, DTYPE_HELP, known_device, load_model
 from checkpoint import CheckpointError, need_dirs, replacing, write_json
 from data import (CONV_TEMPLATES, IMAGE_TOKEN, DataError, load_image, process_image, tokenizer_image_token, whole,
                   writable_dir)
@@ -135,20 +135,20 @@ def score(questions, answers):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="models/shapes-llava")
+    p.add_argument("--model", default="models/shapes-llava", help="default: the bundled tiny Shapes LLaVA")
     p.add_argument("--vision-tower", default=None, help="the CLIP dir, for checkpoints that do not include it")
     p.add_argument("--model-base", default=None, help="the base LLM, for a stage-1 (projector only) or LoRA dir")
-    p.add_argument("--questions", default="data/shapes/eval.jsonl")
-    p.add_argument("--image-folder", default="data/shapes")
+    p.add_argument("--questions", default="data/shapes/eval.jsonl", help="default: the Shapes eval split")
+    p.add_argument("--image-folder", default="data/shapes", help="the root of the questions' image paths")
     p.add_argument("--answers", default=None, help="default: output/<model name>/answers[-blind].jsonl")
     p.add_argument("--conv-mode", default=None, choices=sorted(CONV_TEMPLATES),
                    help="default: the template the checkpoint was trained with")
-    p.add_argument("--batch-size", type=whole(1), default=32)
-    p.add_argument("--max-new-tokens", type=whole(1), default=128)
+    p.add_argument("--batch-size", type=whole(1), default=32, help="questions answered together (default 32)")
+    p.add_argument("--max-new-tokens", type=whole(1), default=128, help="default 128")
     p.add_argument("--blind", action="store_true", help="a blank image instead of the real one")
     p.add_argument("--compile", action="store_true", help="torch.compile decode, prefill, ViT (on a GPU: CUDA graphs)")
-    p.add_argument("--device", type=known_device, default=None)
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", type=known_device, default=None, help=DEVICE_HELP)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help=DTYPE_HELP)
     return p
 
 

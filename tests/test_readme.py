@@ -46,6 +46,18 @@ def test_every_command_parses(cmd):
         mod.build_parser().parse_args(argv[2:])    # argparse exits (SystemExit) on an unknown flag
 
 
+@pytest.mark.parametrize("script", ["chat", "eval", "bench", "data", "checkpoint"])
+def test_every_flag_says_what_it_is(script):
+    """`--help` showed many flags bare ("--device DEVICE", "--top-p TOP_P"). train.py's flags: test_train.py."""
+    import argparse
+    parsers = [importlib.import_module(script).build_parser()]
+    for p in parsers:                              # and each subcommand's (data.py check, data.py shapes ...)
+        parsers += [s for a in p._actions if isinstance(a, argparse._SubParsersAction) for s in a.choices.values()]
+    bare = [f"{p.prog}: {a.dest}" for p in parsers for a in p._actions
+            if not (a.help and a.help.strip()) and not isinstance(a, argparse._SubParsersAction)]  # (each has help)
+    assert not bare
+
+
 def test_files_named_in_the_readme_exist():
     for path in set(re.findall(r"\]\(((?:notebooks/)?[\w./-]+\.(?:md|ipynb))\)", README)) | {"examples/shapes.png"}:
         assert os.path.exists(os.path.join(ROOT, path)), path
