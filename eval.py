@@ -94,8 +94,11 @@ def answer(model, tok, questions, image_folder, template, batch_size=32, max_new
         for r, i in enumerate(idx):
             out[i] = tok.decode(new[r].tolist()).strip()
         if log:                                  # a crash or Ctrl-C loses this batch at most
-            with open(log, "a") as f:
-                f.writelines(json.dumps(dict(i=i, text=out[i])) + "\n" for i in idx)
+            try:
+                with open(log, "a") as f:
+                    f.writelines(json.dumps(dict(i=i, text=out[i])) + "\n" for i in idx)
+            except OSError as e:                 # a full disk: a line it cut short is made again on the next run
+                raise CheckpointError(f"{log}: cannot write ({e.strerror or e}); the answers before are kept") from None
     return prompts, out
 
 

@@ -807,6 +807,32 @@ def test_eval_a_full_disk_at_the_end_keeps_every_answer_for_the_next_run(tiny, m
     assert evaluate.main(flags) == 0 and calls == [] and len(open(out).readlines()) == n
 
 
+def test_eval_a_full_disk_mid_run_is_one_line_and_the_same_command_continues(tiny, monkeypatch, capsys):
+    """The disk fills while a batch's answers are appended to .partial: it was an OSError traceback."""
+    import errno
+    import eval as evaluate
+    q, out = tiny / "world" / "eval.jsonl", tiny / "fills.jsonl"
+    flags = ["--model", str(tiny / "stage1"), "--questions", str(q), "--image-folder", str(tiny / "world"),
+             "--max-new-tokens", "4", "--batch-size", "4", "--answers", str(out)]
+    appends = []
+
+    def full_at_third(path, mode="r", *a, **k):
+        appends.append(mode == "a")
+        if sum(appends) == 3 and mode == "a":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return open(path, mode, *a, **k)
+    monkeypatch.setattr(evaluate, "open", full_at_third, raising=False)
+    assert evaluate.main(flags) == 2
+    assert capsys.readouterr().err.endswith(f"error: {out}.partial: cannot write (No space left on device); the "
+                                            "answers before are kept\n")
+    assert len(open(f"{out}.partial").readlines()) == 1 + 2 * 4          # the settings, two batches of answers
+    monkeypatch.undo()
+    calls, generate = [], Llava.generate
+    monkeypatch.setattr(Llava, "generate", lambda self, *a, **k: calls.append(len(a[0])) or generate(self, *a, **k))
+    n = len(open(q).readlines())
+    assert evaluate.main(flags) == 0 and sum(calls) == n - 8 and len(open(out).readlines()) == n
+
+
 def test_eval_answers_that_cannot_be_written_are_refused_before_answering(tiny, capsys):
     import eval as evaluate                                    # was a traceback after every answer was made
     (tiny / "a-file").write_text("not a directory")
