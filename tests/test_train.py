@@ -390,7 +390,8 @@ def test_a_value_outside_the_choices_is_refused_before_anything_runs(flag, value
     assert e.value.code == 2 and f"{flag}: invalid" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [[], ["--stage", "2"], ["--preset", "llava-1.5", "--stage", "2", "--lora"]])
+@pytest.mark.parametrize("argv", [[], ["--stage", "2"], ["--preset", "llava-1.5", "--stage", "2"],   # (README's)
+                                  ["--preset", "llava-1.5", "--stage", "2", "--lora"]])
 def test_help_shows_what_each_flag_is_and_the_default_this_preset_and_stage_would_use(argv, monkeypatch, capsys):
     """--help printed every TrainConfig flag bare ("--lr LR"), with no meaning and no default (they hang on --preset
     and --stage). Each line's default must be what parse_args then gives; llava-1.5's paths are "required"."""
