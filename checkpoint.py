@@ -366,7 +366,7 @@ class SkipInit(torch.overrides.TorchFunctionMode):
 def skeleton(cls, cfg):
     """cls(cfg) on the meta device: shapes only, nothing allocated. Its initialisers are skipped, as meta tensors
     hold no values to fill, and torch runs normal_ on meta through code that imports torch._dynamo, a second of
-    every start: a one-shot `python chat.py` with the bundled model took 2.8-3.1 s here with them, 1.5-1.6 s without."""
+    every start: a one-shot `python chat.py` took 3.0-3.2 s with them, 1.5-1.7 s without (BENCHMARKS.md)."""
     with torch.device("meta"), SkipInit():
         return cls(cfg)
 

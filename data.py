@@ -415,7 +415,8 @@ def build_parser():
     c.add_argument("--image-folder", default=None, help="check that each sample's image exists under this folder")
     c.add_argument("--template", default="vicuna_v1", choices=sorted(CONV_TEMPLATES), help="default vicuna_v1")
     s = sub.add_parser("shapes", help="generate the Shapes world (images, JSON, eval, corpus, tokenizer)")
-    import inspect, shapes
+    import inspect
+    import shapes
     n = {k: v.default for k, v in inspect.signature(shapes.generate).parameters.items()}   # its defaults, for --help
     s.add_argument("--out", default="data/shapes", help="default data/shapes")
     s.add_argument("--seed", type=int, default=0, help="the same seed writes the same files (default 0)")
