@@ -441,24 +441,27 @@ def write_records(metrics, log_dir):
     plot(metrics, os.path.join(log_dir, "loss.png"))
 
 
+def preset(name, stage, lora=False):     # `--preset NAME --stage N [--lora]`'s config; stage 0 writes where 1 reads
+    base = PRESETS.get(f"{name}-stage{max(1, stage)}")
+    return replace(base, **LORA) if base and lora and name != "shapes" else base
+
+
 def parse_args(argv=None):
     look = argparse.ArgumentParser(add_help=False, allow_abbrev=False)   # a first look at the flags that pick the
     look.add_argument("--preset", nargs="?", default="shapes")           # defaults, for --help to show them
     look.add_argument("--stage", nargs="?", default="1")
     look.add_argument("--lora", action="store_true")
     seen = look.parse_known_args(argv)[0]
-    shown = f"{seen.preset}-stage{str(seen.stage).replace('0', '1')}"
-    shown = shown if shown in PRESETS else "shapes-stage1"
-    lora = seen.lora and shown.startswith("llava")
+    name, stage = (seen.preset, int(seen.stage)) if seen.stage in ("0", "1", "2") else ("shapes", 1)
+    shown = preset(name, stage, seen.lora) or preset("shapes", 1)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=f"The defaults shown are the preset {shown}'s{' with --lora' * lora}; "
-                                       f"`--preset llava-1.5 --stage 2 --help` shows that one's.")
+                                epilog=f"The defaults shown are --preset {name if preset(name, 1) else 'shapes'} "
+                                       f"--stage {shown.stage}'s; `--preset llava-1.5 --stage 2 --help` shows those.")
     p.add_argument("--preset", default="shapes", help="shapes (the tiny world, default) or llava-1.5")
-    values, needed = {**asdict(PRESETS[shown]), **(LORA if lora else {}), "stage": 1}, NEEDED[PRESETS[shown].stage]
     notes = dict(re.findall(r"^    (\w+): \w+ = .*?# (.*)$", inspect.getsource(TrainConfig), re.M))  # its comments
     for f in fields(TrainConfig):               # every config field is a flag: --micro-batch 8, --no-lora ...
-        flag, v = "--" + f.name.replace("_", "-"), values[f.name]
-        default = f"default {v}" if v != "" else "required" * (shown.startswith("llava") and f.name in needed)
+        flag, v = "--" + f.name.replace("_", "-"), 1 if f.name == "stage" else getattr(shown, f.name)
+        default = f"default {v}" if v != "" else "required" * (name == "llava-1.5" and f.name in NEEDED[shown.stage])
         kw = dict(help="; ".join(filter(None, [notes.get(f.name), default])).replace("%", "%%"))
         if f.type is bool or f.type == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, **kw)
@@ -467,11 +470,10 @@ def parse_args(argv=None):
                            choices=CHOICES.get(f.name), **kw)
     args = p.parse_args(argv)
     stage = args.stage if args.stage is not None else 1
-    key = f"{args.preset}-stage{max(1, stage)}"   # stage 0 writes where stage 1 reads
-    if key not in PRESETS:
-        p.error(f"no preset {args.preset!r}: choose shapes or llava-1.5")
     over = {k: v for k, v in vars(args).items() if k in {f.name for f in fields(TrainConfig)} and v is not None}
-    cfg = replace(PRESETS[key], **({**LORA} if over.get("lora") and args.preset != "shapes" else {}), **over)
+    if (base := preset(args.preset, stage, over.get("lora"))) is None:
+        p.error(f"no preset {args.preset!r}: choose shapes or llava-1.5")
+    cfg = replace(base, **over)
     if args.preset == "llava-1.5" and (missing := [f for f in NEEDED[max(1, stage)] if not getattr(cfg, f)]):
         p.error("--preset llava-1.5 needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
     return cfg
