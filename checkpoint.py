@@ -16,6 +16,7 @@ an error naming the file and the key. Only keys known to be unused are skipped, 
 """
 import contextlib
 import ctypes
+import hashlib
 import json
 import math
 import mmap
@@ -522,10 +523,28 @@ def save_snapshot(path, model, opt, scaler, step, metrics, config: dict):
         torch.save(state, tmp)
 
 
+def fingerprints(model, **texts):
+    """What train.py's --resume reads again from the run's paths besides its settings: a sha1 of each text (the
+    data files'), and one of the weights the run does not train, over each tensor's first and last 1,024 values
+    (another model, or this one retrained, differs there; hashing a 7B model whole would cost seconds a run)."""
+    out, h = {}, hashlib.sha1()
+    for key, text in texts.items():
+        sha = hashlib.sha1()
+        for k in range(0, len(text), 1 << 24):          # 16M characters at a time: no bytes copy of a 1 GB file
+            sha.update(text[k:k + (1 << 24)].encode())
+        out[f"{key}_sha1"] = sha.hexdigest()
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            flat = p.detach().reshape(-1)
+            h.update(n.encode() + torch.cat([flat[:1024], flat[-1024:]]).double().cpu().numpy().tobytes())
+    return out | dict(frozen_weights=h.hexdigest())
+
+
 def load_snapshot(path, model, opt, scaler, config: dict, defaults: dict):
-    """Restore save_snapshot's state in place; returns (step, metrics). Refuses a run with other settings.
-    `defaults` are the settings' default values: a setting added after the snapshot was written is compared as
-    the default, which is what the older code ran as (new settings default to the old behaviour)."""
+    """Restore save_snapshot's state in place; returns (step, metrics). Refuses a run with other settings (train.py
+    counts its data's and frozen weights' fingerprints among them). `defaults` are the settings' default values: a
+    setting added after the snapshot was written is compared as the default, which is what the older code ran as
+    (new settings default to the old behaviour)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)   # our own file: optimizer + RNG state
     except Exception as e:     # a damaged file fails as unpickling can: UnpicklingError, ValueError, MemoryError...
@@ -536,7 +555,8 @@ def load_snapshot(path, model, opt, scaler, config: dict, defaults: dict):
     free = ("resume", "max_steps", "stop_after", "ckpt_every", "eval_every", "num_workers")   # may change
     diff = [k for k, v in (defaults | state["config"]).items() if k not in free and config.get(k) != v]
     if diff:
-        raise CheckpointError(f"{path}: was written with other settings ({', '.join(diff)}); resume with the same ones")
+        raise CheckpointError(f"{path}: was written with other settings or inputs ({', '.join(diff)}); resume with the "
+                              f"same ones")
     params = dict(model.named_parameters())
     for n, t in state["trainable"].items():
         params[n].data.copy_(t)

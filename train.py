@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from checkpoint import (CheckpointError, load_components, load_snapshot, need_dirs, replacing, save_projector,
-                        save_snapshot, write_json)
+from checkpoint import (CheckpointError, fingerprints, load_components, load_snapshot, need_dirs, replacing,
+                        save_projector, save_snapshot, write_json)
 from data import CONV_TEMPLATES, DataError, LlavaDataset, Tokenizer, collate, modality_grouped_order, writable_dir
 from lora import apply_lora, merge_lora, save_adapter
 from model import IGNORE_INDEX, Llava
@@ -339,9 +339,11 @@ def _train(cfg: TrainConfig, closing):
 
     opt = make_optimizer(model, cfg, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    step, metrics = 0, dict(title=f"stage {cfg.stage}: {name}", train=[], val=[], skipped=[], config=asdict(cfg))
+    # the settings and what the run reads (its data, its frozen weights): --resume refuses to continue over others
+    settings = asdict(cfg) | fingerprints(model, data=ds.text, **(dict(val_data=val_ds.text) if cfg.val_data else {}))
+    step, metrics = 0, dict(title=f"stage {cfg.stage}: {name}", train=[], val=[], skipped=[], config=settings)
     if cfg.resume:
-        step, metrics = load_snapshot(ckpt_path, model, opt, scaler, asdict(cfg), asdict(TrainConfig()))
+        step, metrics = load_snapshot(ckpt_path, model, opt, scaler, settings, asdict(TrainConfig()))
     raw = model
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if cuda else None)
@@ -418,7 +420,7 @@ def _train(cfg: TrainConfig, closing):
             if master and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == total or interrupted):
                 metrics["wall_time_s"] = metrics.get("wall_time_s", 0) + time.time() - t_start
                 t_start = time.time()
-                save_snapshot(ckpt_path, raw, opt, scaler, step, metrics, asdict(cfg))
+                save_snapshot(ckpt_path, raw, opt, scaler, step, metrics, settings)
                 write_records(metrics, log_dir)
             if interrupted:
                 if ddp:                         # leave together: a rank that tears gloo down while rank 0

@@ -429,6 +429,33 @@ def test_an_interrupted_run_resumes_exactly(tiny):
     assert train.main(args(tiny, 2, "split", resume=True, **common | dict(lr=5e-3))) == 2
 
 
+def test_resuming_over_changed_data_or_frozen_weights_is_refused(tiny, tmp_path, capsys):
+    """--resume reads the data, and the weights the run does not train, again from their paths: the data made
+    again or stage 0 run again since the snapshot would give another run under the same name, silently."""
+    import shutil
+    data, clip = tmp_path / "pretrain.json", tmp_path / "clip"
+    shutil.copy(tiny / "world" / "pretrain.json", data)
+    shutil.copytree(tiny / "clip", clip)
+    common = dict(data=data, vision_tower=clip, max_steps=3)
+    assert train.main(args(tiny, 1, "inputs", stop_after=1, **common)) == 130
+    original = data.read_text()
+    samples = json.loads(original)
+    samples[0]["conversations"][1]["value"] += " Again."           # one caption, one word longer
+    data.write_text(json.dumps(samples))
+    capsys.readouterr()
+    assert train.main(args(tiny, 1, "inputs", resume=True, **common)) == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith("other settings or inputs (data_sha1); resume with the "
+                                                             "same ones")
+    data.write_text(original)
+    stage0.pretrain_clip(str(clip), Tokenizer(str(tiny / "world" / "tokenizer.model")), steps=1, batch=8, seed=1)
+    assert train.main(args(tiny, 1, "inputs", resume=True, **common)) == 2
+    assert "(frozen_weights)" in capsys.readouterr().err
+    shutil.rmtree(clip)
+    shutil.copytree(tiny / "clip", clip)
+    assert train.main(args(tiny, 1, "inputs", resume=True, **common)) == 0       # as they were: it continues
+    assert len(metrics(tiny, "inputs")["train"]) == 3
+
+
 def test_a_damaged_or_foreign_snapshot_is_refused_in_one_line(tiny, capsys):
     assert train.main(args(tiny, 1, "damaged", max_steps=2, stop_after=1)) == 130
     ckpt = tiny / "ckpt" / "damaged" / "ckpt.pt"
@@ -455,7 +482,7 @@ def test_a_snapshot_from_before_a_setting_existed_resumes_only_with_its_default(
     path = str(tmp_path / "ckpt.pt")
     save_snapshot(path, model, opt, scaler, 5, {}, {k: v for k, v in defaults.items() if k != "hold_ratio"})
     assert load_snapshot(path, model, opt, scaler, defaults, defaults)[0] == 5
-    with pytest.raises(CheckpointError, match="other settings \\(hold_ratio\\)"):
+    with pytest.raises(CheckpointError, match="other settings or inputs \\(hold_ratio\\)"):
         load_snapshot(path, model, opt, scaler, defaults | dict(hold_ratio=0.8), defaults)
 
 
