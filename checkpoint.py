@@ -523,28 +523,29 @@ def save_snapshot(path, model, opt, scaler, step, metrics, config: dict):
         torch.save(state, tmp)
 
 
-def fingerprints(model, **texts):
-    """What train.py's --resume reads again from the run's paths besides its settings: a sha1 of each text (the
-    data files'), and one of the weights the run does not train, over each tensor's first and last 1,024 values
-    (another model, or this one retrained, differs there; hashing a 7B model whole would cost seconds a run)."""
-    out, h = {}, hashlib.sha1()
-    for key, text in texts.items():
-        sha = hashlib.sha1()
-        for k in range(0, len(text), 1 << 24):          # 16M characters at a time: no bytes copy of a 1 GB file
-            sha.update(text[k:k + (1 << 24)].encode())
-        out[f"{key}_sha1"] = sha.hexdigest()
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            flat = p.detach().reshape(-1)
-            h.update(n.encode() + torch.cat([flat[:1024], flat[-1024:]]).double().cpu().numpy().tobytes())
-    return out | dict(frozen_weights=h.hexdigest())
+def text_sha1(text):              # of a data file's text, 16M characters at a time: no bytes copy of a 1 GB file
+    h = hashlib.sha1()
+    for k in range(0, len(text), 1 << 24):
+        h.update(text[k:k + (1 << 24)].encode())
+    return h.hexdigest()
+
+
+def fingerprint(named_tensors):
+    """A sha1 of weights over each tensor's first and last 1,024 values, for a run to tell, before it continues,
+    whether the weights it reads again are the ones it started with: another model, or this one retrained, differs
+    there, and hashing a 7B model whole would cost seconds on every run."""
+    h = hashlib.sha1()
+    for name, t in named_tensors:
+        flat = t.detach().reshape(-1)
+        h.update(name.encode() + torch.cat([flat[:1024], flat[-1024:]]).double().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def load_snapshot(path, model, opt, scaler, config: dict, defaults: dict):
     """Restore save_snapshot's state in place; returns (step, metrics). Refuses a run with other settings (train.py
-    counts its data's and frozen weights' fingerprints among them). `defaults` are the settings' default values: a
-    setting added after the snapshot was written is compared as the default, which is what the older code ran as
-    (new settings default to the old behaviour)."""
+    counts its data's sha1 and its frozen weights' fingerprint among them). `defaults` are the settings' default
+    values: a setting added after the snapshot was written is compared as the default, which is what the older
+    code ran as (new settings default to the old behaviour)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)   # our own file: optimizer + RNG state
     except Exception as e:     # a damaged file fails as unpickling can: UnpicklingError, ValueError, MemoryError...

@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from chat import DEVICE_HELP, DTYPE_HELP, known_device, load_model
-from checkpoint import CheckpointError, need_dirs, replacing, write_json
+from checkpoint import CheckpointError, fingerprint, need_dirs, replacing, write_json
 from data import (CONV_TEMPLATES, IMAGE_TOKEN, DataError, load_image, process_image, tokenizer_image_token, whole,
                   writable_dir)
 from model import IMAGE_TOKEN_INDEX
@@ -116,8 +116,8 @@ def resume(partial, settings):
         with contextlib.suppress(ValueError, IndexError):
             same = json.loads(lines[0]) == {"settings": settings}
     if done and not same:            # one without answers (stopped before a batch ended, e.g. while loading) is not
-        raise DataError(f"{partial}: left by an interrupted run with other settings; run it again with those, "
-                        f"or delete the file to start over")
+        raise DataError(f"{partial}: left by an interrupted run with other settings or weights; run it again with "
+                        f"those, or delete the file to start over")
     lines = [{"settings": settings}] + [dict(i=i, text=t) for i, t in done.items()]
     with replacing(partial) as tmp, open(tmp, "w") as f:   # rewritten whole: no cut line is left to append to
         f.writelines(json.dumps(x) + "\n" for x in lines)
@@ -167,12 +167,14 @@ def main(argv=None):
             shapes.generate("data/shapes")
         questions = load_questions(args.questions, None if args.blind else args.image_folder)
         writable_dir(os.path.dirname(path) or ".")   # an unwritable --answers fails now, not after the answers
-        # the batch size, device and compilation may change between an interrupted run and its continuation
+        model, tok = load_model(args)
+        # the batch size, device and compilation may change between an interrupted run and its continuation; the
+        # questions and the weights may not (a model trained again into the same directory: two models' answers)
         settings = {k: v for k, v in vars(args).items() if k not in ("batch_size", "device", "compile")}
-        settings["questions_sha1"] = hashlib.sha1(json.dumps(questions).encode()).hexdigest()   # the same questions
+        settings["questions_sha1"] = hashlib.sha1(json.dumps(questions).encode()).hexdigest()
+        settings["weights"] = fingerprint(model.named_parameters())
         if done := resume(partial, settings):
             print(f"continuing from {partial}: {len(done)} of {len(questions)} answered", file=sys.stderr)
-        model, tok = load_model(args)
         template = args.conv_mode or model.cfg.conv_template
         _, answers = answer(model, tok, questions, args.image_folder, template, args.batch_size,
                             args.max_new_tokens, args.blind, done, partial)

@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from checkpoint import (CheckpointError, fingerprints, load_components, load_snapshot, need_dirs, replacing,
-                        save_projector, save_snapshot, write_json)
+from checkpoint import (CheckpointError, fingerprint, load_components, load_snapshot, need_dirs, replacing,
+                        save_projector, save_snapshot, text_sha1, write_json)
 from data import CONV_TEMPLATES, DataError, LlavaDataset, Tokenizer, collate, modality_grouped_order, writable_dir
 from lora import apply_lora, merge_lora, save_adapter
 from model import IGNORE_INDEX, Llava
@@ -339,8 +339,10 @@ def _train(cfg: TrainConfig, closing):
 
     opt = make_optimizer(model, cfg, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    # the settings and what the run reads (its data, its frozen weights): --resume refuses to continue over others
-    settings = asdict(cfg) | fingerprints(model, data=ds.text, **(dict(val_data=val_ds.text) if cfg.val_data else {}))
+    # the settings and what --resume reads again (the data, the frozen weights): it refuses to continue over others
+    settings = asdict(cfg) | dict(data_sha1=text_sha1(ds.text), val_data_sha1=cfg.val_data and text_sha1(val_ds.text),
+                                  frozen_weights=fingerprint((n, p) for n, p in model.named_parameters()
+                                                             if not p.requires_grad))
     step, metrics = 0, dict(title=f"stage {cfg.stage}: {name}", train=[], val=[], skipped=[], config=settings)
     if cfg.resume:
         step, metrics = load_snapshot(ckpt_path, model, opt, scaler, settings, asdict(TrainConfig()))

@@ -774,8 +774,8 @@ def test_eval_continues_an_interrupted_run(tiny, monkeypatch, capsys):
     calls[:], stop_at = [], 2                      # one batch answered, then Ctrl-C
     assert evaluate.main(flags + ["--answers", str(out)]) == 130
     assert evaluate.main(flags[:-3] + ["5", "--answers", str(out)]) == 2       # --max-new-tokens 5: other answers
-    assert capsys.readouterr().err.endswith(f"error: {out}.partial: left by an interrupted run with other settings; "
-                                            "run it again with those, or delete the file to start over\n")
+    assert capsys.readouterr().err.endswith(f"error: {out}.partial: left by an interrupted run with other settings "
+                                            "or weights; run it again with those, or delete the file to start over\n")
     os.remove(f"{out}.partial")
     assert evaluate.main(flags + ["--answers", str(out), "--model", str(tiny / "nope")]) == 2
     assert not os.path.exists(f"{out}.partial")    # a --model typo is refused before anything is written
@@ -784,6 +784,35 @@ def test_eval_continues_an_interrupted_run(tiny, monkeypatch, capsys):
     assert len(open(f"{out}.partial").readlines()) == 1
     calls[:], stop_at = [], 0                      # then one with other settings: nothing is lost, so it starts over
     assert evaluate.main(flags[:-3] + ["5", "--answers", str(out)]) == 0 and sum(calls) == n
+
+
+def test_eval_does_not_continue_over_a_model_trained_again(tiny, monkeypatch, capsys):
+    """An evaluation stopped, the model trained again into the same directory, the same command: the answers kept
+    came from the old weights, and continuing would mix two models' answers into one accuracy."""
+    import shutil
+
+    import eval as evaluate
+    model, out = tiny / "eval-retrained", tiny / "retrained.jsonl"
+    shutil.copytree(tiny / "stage1", model)
+    flags = ["--model", str(model), "--questions", str(tiny / "world" / "eval.jsonl"), "--image-folder",
+             str(tiny / "world"), "--max-new-tokens", "4", "--batch-size", "4", "--answers", str(out)]
+    calls, generate = [], Llava.generate
+
+    def stop_on_second(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return generate(self, *a, **k)
+    monkeypatch.setattr(Llava, "generate", stop_on_second)
+    assert evaluate.main(flags) == 130 and len(open(f"{out}.partial").readlines()) == 1 + 4
+    m = Llava.from_pretrained(str(model), dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        m.mm_projector[0].weight.add_(0.01)                    # "trained again"
+    m.save_pretrained(str(model), tokenizer_path=m.tokenizer_path)
+    capsys.readouterr()
+    assert evaluate.main(flags) == 2
+    assert capsys.readouterr().err.endswith(f"error: {out}.partial: left by an interrupted run with other settings "
+                                            "or weights; run it again with those, or delete the file to start over\n")
 
 
 def test_eval_out_of_gpu_memory_keeps_the_answers_and_a_smaller_batch_continues(tiny, monkeypatch, capsys):
