@@ -381,6 +381,14 @@ def load_llava(cls, path, vision_tower=None, dtype=None, device=None, model_base
     # a LoRA dir (liuhaotian/llava-v1.5-7b-lora, or train.py's <out>/adapter): adapters, and the projector they
     # trained (non_lora_trainables.bin) where a stage-1 dir has mm_projector.bin, on top of a base LLM
     lora = os.path.exists(os.path.join(path, "adapter_config.json"))
+
+    def unused(arg, value, holds):             # a path for what the checkpoint holds itself: refused, not ignored
+        if value:
+            raise CheckpointError(f"{path}: holds {holds}, so {arg} ({value}) would not be used; leave it out")
+    if d.get("format") == "llava-from-scratch" or ("text_config" in d or "vision_config" in d) and d.get(
+            "model_type") not in CLIP_TYPES:                           # ours and llava-hf hold both
+        unused("vision_tower", vision_tower, "its own vision tower")
+        unused("model_base", model_base, "its own LLM")
     if d.get("format") == "llava-from-scratch":                        # ours
         cfg, sources = config_from(cfg_path, lambda: LlavaConfig.from_dict(d)), [(weight_files(path), lambda k: k)]
     elif d.get("model_type") in CLIP_TYPES:                           # (it has a vision_config too)
@@ -398,6 +406,7 @@ def load_llava(cls, path, vision_tower=None, dtype=None, device=None, model_base
         has_llm = any(os.path.exists(os.path.join(path, f)) for f in (
             "model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json"))
         if has_llm:                        # a full LLaVA, trained with the vicuna_v1 template
+            unused("model_base", model_base, "its own LLM")
             vision = clip_config(clip)
             cfg = config_from(cfg_path, lambda: liuhaotian_config(d, vision, LlavaConfig, "vicuna_v1"))
             sources = [(weight_files(path), liuhaotian_key)]

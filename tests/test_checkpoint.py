@@ -118,6 +118,19 @@ def test_vision_tower_argument_and_base_argument_override_the_config(exact_atten
     assert (m(IDS, px) - ref).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("name, arg, holds", [("ours", "vision_tower", "its own vision tower"),
+                                              ("published", "vision_tower", "its own vision tower"),
+                                              ("ours", "model_base", "its own LLM"),
+                                              ("hf5", "model_base", "its own LLM"),
+                                              ("liuhaotian", "model_base", "its own LLM")])
+def test_a_path_the_checkpoint_does_not_read_is_refused_not_ignored(layouts, name, arg, holds):
+    """A vision tower or base LLM passed for a checkpoint that holds its own was ignored without a word: the user
+    thought they were using it."""
+    d, _, _ = layouts
+    with pytest.raises(CheckpointError, match=f"holds {holds}, so {arg} .* would not be used"):
+        Llava.from_pretrained(d[name], device="cpu", **{arg: d["clip" if arg == "vision_tower" else "base"]})
+
+
 def test_dtype_and_meta_free_loading(layouts):
     d, px, _ = layouts
     m = Llava.from_pretrained(d["liuhaotian"], device="cpu", dtype=torch.bfloat16)
