@@ -51,8 +51,8 @@ class TrainConfig:
     image_folder: str = "data/shapes"              # the root of the samples' relative "image" paths
     val_data: str = ""                             # a held-out LLaVA JSON; default: val_samples held out of `data`
     val_samples: int = 200                         # held out of `data` for the validation loss (with no val_data)
-    model_base: str = "models/shapes-llama"        # stage 1: the LLM (HF LLaMA/Vicuna dir)
-    vision_tower: str = "models/shapes-clip"       # stage 1: the CLIP dir
+    model_base: str = "models/shapes-llama"        # the LLM (HF LLaMA/Vicuna dir); stage 2: overrides the projector's
+    vision_tower: str = "models/shapes-clip"       # the CLIP dir; stage 2: overrides the projector's (a hub id, say)
     projector: str = "models/shapes-stage1"        # stage 2: stage 1's output dir
     out: str = "models/shapes-stage1"              # where the trained model goes (stage 1: the projector)
     ckpt_dir: str = ""                             # default checkpoints/<name of out>
@@ -90,9 +90,10 @@ PRESETS = {   # --preset NAME --stage N picks f"{NAME}-stage{N}"; every field ca
     "shapes-stage1": TrainConfig(lr=2e-3, batch_size=64, micro_batch=32, epochs=1, val_samples=128, eval_every=50,
                                  num_workers=1, grad_clip=1.0),
     # one epoch over 80,000 samples, as LLaVA's stage 2 sees each sample once, the projector at the LLM's lr, the lr
-    # held at its peak for 80% of the steps (FINDINGS.md); batches sorted by length pad less: 1.2x the speed
-    "shapes-stage2": TrainConfig(stage=2, data="data/shapes/instruct.json", out="models/shapes-llava",
-                                 template="vicuna_v1", image_aspect_ratio="pad", lr=5e-4,
+    # held at its peak for 80% of the steps (FINDINGS.md); batches sorted by length pad less: 1.2x the speed. The
+    # LLM and CLIP are those stage 1's config.json names
+    "shapes-stage2": TrainConfig(stage=2, data="data/shapes/instruct.json", out="models/shapes-llava", model_base="",
+                                 vision_tower="", template="vicuna_v1", image_aspect_ratio="pad", lr=5e-4,
                                  batch_size=32, micro_batch=16, epochs=1, val_samples=128, eval_every=100,
                                  num_workers=1, group_by_modality=True, grad_clip=1.0, hold_ratio=0.8),
     "llava-1.5-stage1": TrainConfig(data="", image_folder="", model_base="", vision_tower="", projector="", out="",
@@ -117,7 +118,8 @@ def build_model(cfg, device, dtype):
     if cfg.stage == 1:
         model = load_components(Llava, cfg.model_base, cfg.vision_tower, cfg.projector_type, dtype=dtype, device=device)
     else:
-        model = Llava.from_pretrained(cfg.projector, dtype=dtype, device=device)   # base LLM + projector + CLIP
+        model = Llava.from_pretrained(cfg.projector, vision_tower=cfg.vision_tower or None, dtype=dtype, device=device,
+                                      model_base=cfg.model_base or None)      # base LLM + projector + CLIP
     model.cfg = replace(model.cfg, conv_template=cfg.template, image_aspect_ratio=cfg.image_aspect_ratio)
     model.requires_grad_(False)
     model.mm_projector.requires_grad_(True)        # stage 1 and 2
@@ -489,7 +491,7 @@ def main(argv=None):
         if cfg.stage == 0:
             import stage0
             return stage0.main(cfg)
-        need_dirs(*([cfg.model_base, cfg.vision_tower] if cfg.stage == 1 else [cfg.projector]))   # before any data
+        need_dirs(*filter(None, [cfg.model_base, cfg.vision_tower] + [cfg.projector] * (cfg.stage == 2)))   # first
         if os.path.normpath(os.path.dirname(cfg.data)) == os.path.join("data", "shapes"):   # the default world:
             import shapes                       # made on a fresh clone (about 15 s); one an older shapes.py made
             shapes.ensure("data/shapes")        # is refused (fewer samples: lower accuracy)

@@ -456,6 +456,24 @@ def test_resuming_over_changed_data_or_frozen_weights_is_refused(tiny, tmp_path,
     assert len(metrics(tiny, "inputs")["train"]) == 3
 
 
+def test_stage_2_from_a_released_projector_takes_the_base_and_vision_tower_as_flags(tiny, capsys):
+    """A released stage-1 dir (liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5) names its LLM and CLIP
+    by hub ids; finetune.sh passes them as --model_name_or_path and --vision_tower. Stage 2 ignored --model-base and
+    --vision-tower, and so could not start from one."""
+    import shutil
+    released = tiny / "released-stage1"
+    shutil.copytree(tiny / "stage1", released)
+    cfg = json.loads((released / "config.json").read_text())
+    cfg |= dict(_name_or_path="lmsys/vicuna-7b-v1.5", mm_vision_tower="openai/clip-vit-large-patch14-336")
+    (released / "config.json").write_text(json.dumps(cfg))
+    common = dict(projector=released, max_steps=1)
+    capsys.readouterr()
+    assert train.main(args(tiny, 2, "from-released", **common) + ["--model-base", "", "--vision-tower", ""]) == 2
+    assert "vision tower 'openai/clip-vit-large-patch14-336' is not a local directory" in capsys.readouterr().err
+    assert train.main(args(tiny, 2, "from-released", **common)) == 0      # args() gives both, as finetune.sh
+    assert train.parse_args(["--stage", "2"]).model_base == ""            # the shapes preset: its stage-1 dir's
+
+
 def test_a_damaged_or_foreign_snapshot_is_refused_in_one_line(tiny, capsys):
     assert train.main(args(tiny, 1, "damaged", max_steps=2, stop_after=1)) == 130
     ckpt = tiny / "ckpt" / "damaged" / "ckpt.pt"
