@@ -480,6 +480,15 @@ def parse_args(argv=None):
     if (base := preset(args.preset, stage, over.get("lora"))) is None:
         p.error(f"no preset {args.preset!r}: choose shapes or llava-1.5")
     cfg = replace(base, **over)
+    if stage == 0 and args.preset != "shapes":
+        p.error(f"--preset {args.preset} has no stage 0 (the Shapes world's CLIP and LLaMA)")
+    stage0_reads = {"stage", "data", "model_base", "vision_tower", "seed"}         # all that stage0.main reads
+    unread = dict.fromkeys(("lora_r", "lora_alpha", "lora_dropout") * (not cfg.lora), "only with --lora") | {
+        0: dict.fromkeys(set(over) - stage0_reads, "stage 0 reads only --data, --model-base, --vision-tower, --seed"),
+        1: dict(projector="stage 1 trains a new projector (into --out)"),
+        2: dict(projector_type="stage 2 trains the projector in --projector")}[stage]
+    if bad := [k for k in over if k in unread]:    # a flag the stage would ignore, silently: refused
+        p.error(f"--{bad[0].replace('_', '-')}: {unread[bad[0]]}")
     if args.preset == "llava-1.5" and (missing := [f for f in NEEDED[max(1, stage)] if not getattr(cfg, f)]):
         p.error("--preset llava-1.5 needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
     return cfg

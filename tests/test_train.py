@@ -38,9 +38,10 @@ def args(root, stage, name=None, **over):
     """Command-line flags for a short run on the miniature world; outputs under root/<name>."""
     name = name or f"stage{stage}"
     a = dict(stage=stage, image_folder=root / "world", model_base=root / "llama", vision_tower=root / "clip",
-             projector=root / "stage1", out=root / name, ckpt_dir=root / "ckpt" / name, log_dir=root / "log" / name,
+             out=root / name, ckpt_dir=root / "ckpt" / name, log_dir=root / "log" / name,
              data=root / "world" / ("pretrain.json" if stage == 1 else "instruct.json"), batch_size=8, micro_batch=4,
-             val_samples=8, num_workers=0, eval_every=0, lr=1e-3) | over
+             val_samples=8, num_workers=0, eval_every=0, lr=1e-3) | (dict(projector=root / "stage1") if stage == 2
+                                                                      else {}) | over
     flags = []
     for k, v in a.items():
         flags += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
@@ -260,7 +261,7 @@ def test_loss_falls_on_shapes(tiny):
 @pytest.mark.parametrize("flags", [dict(micro_batch=0), dict(batch_size=0), dict(batch_size=6, micro_batch=4),
                                    dict(epochs=0), dict(max_steps=-1), dict(lr=-1e-3), dict(warmup_ratio=2.0),
                                    dict(hold_ratio=1.5), dict(max_length=0), dict(num_workers=-1), dict(grad_clip=-1.0),
-                                   dict(lora_dropout=1.5), dict(projector_type="mlp_gelu"),
+                                   dict(lora_dropout=1.5, lora=True), dict(stage=1, projector_type="mlp_gelu"),
                                    dict(stage=1, projector_type="identity")])     # it was a ValueError traceback
 def test_bad_flags_are_one_line_and_exit_2(tiny, flags, capsys):
     stage, flags = flags.get("stage", 2), {k: v for k, v in flags.items() if k != "stage"}
@@ -412,6 +413,24 @@ def test_help_shows_what_each_flag_is_and_the_default_this_preset_and_stage_woul
             assert lines[flag].endswith(f"default {value}"), (flag, lines[flag], value)
     assert "default 0.0002" in lines["--lr"] if "--lora" in argv else "a held-out LLaVA JSON" in lines["--val-data"]
     assert lines["--stage"].endswith("; default 1")
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--stage", "0", "--max-steps", "10"], "--max-steps: stage 0 reads only --data, --model-base, --vision-tower, "
+                                            "--seed"),
+    (["--stage", "0", "--preset", "llava-1.5"], "--preset llava-1.5 has no stage 0 (the Shapes world's CLIP and "
+                                                "LLaMA)"),
+    (["--stage", "1", "--projector", "models/x"], "--projector: stage 1 trains a new projector (into --out)"),
+    (["--stage", "2", "--projector-type", "linear"], "--projector-type: stage 2 trains the projector in --projector"),
+    (["--stage", "2", "--lora-r", "8"], "--lora-r: only with --lora"),
+])
+def test_a_flag_the_stage_does_not_read_is_refused_not_ignored(argv, says, capsys):
+    """`--stage 0 --max-steps 10` ran all of stage 0's 1,000 steps; --lora-r without --lora trained the whole LLM."""
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(argv)
+    assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(says)
+    for ok in (["--stage", "0", "--seed", "3", "--data", "x"], ["--stage", "2", "--lora", "--lora-r", "8"]):
+        train.parse_args(ok)
 
 
 def test_an_interrupted_run_resumes_exactly(tiny):
