@@ -17,6 +17,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 
 import torch
@@ -27,8 +28,60 @@ from tqdm import tqdm
 import llama
 import shapes
 import vit
-from checkpoint import replacing, write_json, write_safetensors
+from checkpoint import CheckpointError, replacing, text_sha1, write_json, write_safetensors
 from data import Tokenizer, process_image, writable_dir
+
+CLIP_STEPS, CLIP_BATCH, LLM_STEPS, LLM_BATCH = 600, 128, 400, 32     # what `train.py --stage 0` runs
+
+
+class Stopped(Exception):
+    """Ctrl-C, SIGTERM or --stop-after: the snapshot is saved; --resume continues."""
+
+
+class Snapshots:
+    """Stage 0 stops and continues as stages 1 and 2 do: a snapshot (weights, optimizer, step, random states)
+    every 100 steps and on Ctrl-C, SIGTERM or --stop-after, written whole; --resume continues exactly. The steps
+    count on from the CLIP's into the LLaMA's (--stop-after 650: the LLaMA's 50th)."""
+
+    def __init__(self, path, settings, resume, stop_after, clip_steps):
+        self.path, self.settings, self.stop_after, self.clip_steps = path, settings, stop_after, clip_steps
+        self.stop, self.state, self.extra = [], None, {}        # stop: Ctrl-C or SIGTERM came (main's handlers)
+        if resume:
+            if not os.path.exists(path):
+                raise CheckpointError(f"{path}: no checkpoint to resume from")
+            try:
+                self.state = torch.load(path, map_location="cpu", weights_only=False)   # our own file
+                diff = [k for k, v in settings.items() if self.state["settings"].get(k) != v]
+            except Exception as e:     # damaged, or not ours: as train.py's snapshots
+                raise CheckpointError(f"{path}: cannot resume from it ({str(e).splitlines()[0][:80]})") from None
+            if diff:
+                raise CheckpointError(f"{path}: was written with other settings or inputs ({', '.join(diff)}); "
+                                      f"resume with the same ones")
+
+    def restore(self, part, model, opt, rng):
+        """(the step to start `part`, "clip" or "llm", from; its last losses), its state restored from the snapshot
+        if it holds that part."""
+        if not self.state or self.state["part"] != part:
+            return 0, None
+        model.load_state_dict(self.state["model"])
+        opt.load_state_dict(self.state["optimizer"])
+        torch.set_rng_state(self.state["torch_rng"])
+        rng.setstate(self.state["rng"]) if part == "clip" else rng.set_state(self.state["rng"])
+        return self.state["step"], self.state["losses"]
+
+    def after(self, part, step, steps, model, opt, rng, losses):
+        """After step `step` (1-based) of `steps`: a snapshot every 100 steps, at the last, on a stop (then Stopped)."""
+        stop = bool(self.stop) or step + (part == "llm") * self.clip_steps == self.stop_after
+        if stop or step % 100 == 0 or step == steps:
+            state = dict(part=part, step=step, settings=self.settings, model=model.state_dict(),
+                         optimizer=opt.state_dict(), torch_rng=torch.get_rng_state(), losses=losses,
+                         rng=rng.getstate() if part == "clip" else rng.get_state(), **self.extra)
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            with replacing(self.path) as tmp:
+                torch.save(state, tmp)
+        if stop:
+            raise Stopped(f"stage 0 stopped at the {'CLIP' if part == 'clip' else 'LLaMA'}'s step {step}/{steps}: "
+                          f"checkpoint saved to {self.path}; continue with --resume")
 
 
 def cosine(step, total, warmup=20):
@@ -83,7 +136,7 @@ class TinyCLIP(nn.Module):
         return loss / len(words)
 
 
-def pretrain_clip(out, tok, steps=600, batch=128, lr=3e-4, seed=0):
+def pretrain_clip(out, tok, steps=CLIP_STEPS, batch=CLIP_BATCH, lr=3e-4, seed=0, snap=None):
     # 600 steps, not 300: the same recipe then reaches 65.6% on the eval split instead of 55.3% (FINDINGS.md)
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -94,7 +147,8 @@ def pretrain_clip(out, tok, steps=600, batch=128, lr=3e-4, seed=0):
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     groups = [list(shapes.COLORS), shapes.SHAPES, list(shapes.SIZES), shapes.CELLS]   # one word group per attribute
     word_ids = [pad([tok.encode(w) + [tok.eos_id] for w in group], tok.pad_id) for group in groups]   # once
-    for step in (bar := tqdm(range(steps), desc="stage 0: CLIP")):
+    start, losses = snap.restore("clip", model, opt, rng) if snap else (0, None)
+    for step in (bar := tqdm(range(start, steps), initial=start, total=steps, desc="stage 0: CLIP")):
         # half the batch are "twins" of the other half with one attribute of one object changed (hard
         # negatives, as NegCLIP): telling a scene from its twin takes shape, size and position, not just colour
         scenes = [shapes.random_scene(rng) for _ in range(batch // 2)]
@@ -114,7 +168,10 @@ def pretrain_clip(out, tok, steps=600, batch=128, lr=3e-4, seed=0):
         (clip_loss + word_loss).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{clip_loss.item():.3f}", words=f"{word_loss.item():.3f}")
+        losses = clip_loss.item(), word_loss.item()
+        bar.set_postfix(loss=f"{losses[0]:.3f}", words=f"{losses[1]:.3f}")
+        if snap:
+            snap.after("clip", step + 1, steps, model, opt, rng, losses)
     os.makedirs(out, exist_ok=True)
     write_safetensors({k: v.contiguous() for k, v in model.state_dict().items()},
                       os.path.join(out, "model.safetensors"))
@@ -125,10 +182,10 @@ def pretrain_clip(out, tok, steps=600, batch=128, lr=3e-4, seed=0):
     write_json(os.path.join(out, "preprocessor_config.json"), {
         "image_mean": list(vcfg.image_mean), "image_std": list(vcfg.image_std), "size": vcfg.image_size,
         "crop_size": vcfg.image_size, "resample": 3})
-    return clip_loss.item(), word_loss.item()
+    return losses
 
 
-def pretrain_llm(out, tok_path, corpus, steps=400, batch=32, seq=128, lr=1e-3, seed=0):
+def pretrain_llm(out, tok_path, corpus, steps=LLM_STEPS, batch=LLM_BATCH, seq=128, lr=1e-3, seed=0, snap=None):
     torch.manual_seed(seed)
     tok = Tokenizer(tok_path)
     docs = [d for d in open(corpus).read().split("\n\n") if d.strip()]
@@ -142,7 +199,8 @@ def pretrain_llm(out, tok_path, corpus, steps=400, batch=32, seq=128, lr=1e-3, s
     model.init_weights(std=cfg.hidden_size ** -0.5)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     g = torch.Generator().manual_seed(seed)
-    for step in (bar := tqdm(range(steps), desc="stage 0: LLaMA")):
+    start, losses = snap.restore("llm", model, opt, g) if snap else (0, None)
+    for step in (bar := tqdm(range(start, steps), initial=start, total=steps, desc="stage 0: LLaMA")):
         starts = torch.randint(0, len(stream) - seq - 1, (batch,), generator=g)
         x = torch.stack([stream[s:s + seq + 1] for s in starts])          # (B, seq + 1) random windows
         for p in opt.param_groups:
@@ -152,7 +210,10 @@ def pretrain_llm(out, tok_path, corpus, steps=400, batch=32, seq=128, lr=1e-3, s
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        losses = (loss.item(),)
+        bar.set_postfix(loss=f"{losses[0]:.3f}")
+        if snap:
+            snap.after("llm", step + 1, steps, model, opt, g, losses)
     os.makedirs(out, exist_ok=True)
     write_safetensors({k: v.contiguous() for k, v in model.state_dict().items()},
                       os.path.join(out, "model.safetensors"))
@@ -161,24 +222,35 @@ def pretrain_llm(out, tok_path, corpus, steps=400, batch=32, seq=128, lr=1e-3, s
     write_json(os.path.join(out, "config.json"), hf)
     with replacing(os.path.join(out, "tokenizer.model")) as tmp:
         shutil.copyfile(tok_path, tmp)
-    return loss.item()
+    return losses[0]
 
 
 def main(cfg):
     data = os.path.dirname(cfg.data) if cfg.data.endswith(".json") else cfg.data
     shapes.ensure(data)                            # made if missing; refused if an older shapes.py made it
-    tok_path = os.path.join(data, "tokenizer.model")
-    for d in (cfg.vision_tower, cfg.model_base):  # an unwritable one is refused now, not after minutes of training
+    tok_path, corpus = os.path.join(data, "tokenizer.model"), os.path.join(data, "corpus.txt")
+    ckpt_dir = cfg.ckpt_dir or os.path.join("checkpoints", "shapes-stage0")
+    for d in (cfg.vision_tower, cfg.model_base, ckpt_dir):   # an unwritable one is refused now, not minutes later
         writable_dir(d)
-    written = []
-    try:                   # a few minutes, so no snapshots: Ctrl-C says what is written, and a rerun starts over
-        clip_loss, word_loss = pretrain_clip(cfg.vision_tower, Tokenizer(tok_path), seed=cfg.seed)
-        written.append(cfg.vision_tower)
-        lm_loss = pretrain_llm(cfg.model_base, tok_path, os.path.join(data, "corpus.txt"), seed=cfg.seed)
-    except KeyboardInterrupt:
-        print(f"stage 0 interrupted; written: {', '.join(written) or 'nothing'} (each model is written whole when "
-              f"its training ends)", file=sys.stderr)
+    with open(corpus) as f:                        # --resume continues only the same run: same outputs, seed, text
+        settings = dict(vision_tower=cfg.vision_tower, model_base=cfg.model_base, seed=cfg.seed,
+                        corpus_sha1=text_sha1(f.read()))
+    snap = Snapshots(os.path.join(ckpt_dir, "ckpt.pt"), settings, cfg.resume, cfg.stop_after, CLIP_STEPS)
+    old = {sig: signal.signal(sig, lambda *_: snap.stop.append(1)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:                                           # Ctrl-C: the step ends, the snapshot is saved, exit 130
+        if snap.state and snap.state["part"] == "llm":          # the CLIP was written whole before the LLaMA began
+            snap.extra = dict(clip_losses=snap.state["clip_losses"])
+        else:
+            snap.extra = dict(clip_losses=pretrain_clip(cfg.vision_tower, Tokenizer(tok_path), CLIP_STEPS, CLIP_BATCH,
+                                                        seed=cfg.seed, snap=snap))
+        lm_loss = pretrain_llm(cfg.model_base, tok_path, corpus, LLM_STEPS, LLM_BATCH, seed=cfg.seed, snap=snap)
+    except Stopped as e:
+        print(e, file=sys.stderr)
         return 130
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    clip_loss, word_loss = snap.extra["clip_losses"]
     print(f"stage 0 done: CLIP loss {clip_loss:.3f} (region-word {word_loss:.3f}) -> {cfg.vision_tower}; LLaMA loss "
           f"{lm_loss:.3f} -> {cfg.model_base}")
     return 0

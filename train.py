@@ -55,7 +55,7 @@ class TrainConfig:
     vision_tower: str = "models/shapes-clip"       # the CLIP dir; stage 2: overrides the projector's (a hub id, say)
     projector: str = "models/shapes-stage1"        # stage 2: stage 1's output dir
     out: str = "models/shapes-stage1"              # where the trained model goes (stage 1: the projector)
-    ckpt_dir: str = ""                             # default checkpoints/<name of out>
+    ckpt_dir: str = ""                             # default checkpoints/<name of out> (stage 0: shapes-stage0)
     log_dir: str = ""                              # default output/<name of out>
     template: str = "plain"                        # the conversation format: plain (stage 1), vicuna_v1 (stage 2)
     image_aspect_ratio: str = "square"             # pad: to a square (stage 2); square: center-crop (stage 1)
@@ -482,9 +482,10 @@ def parse_args(argv=None):
     cfg = replace(base, **over)
     if stage == 0 and args.preset != "shapes":
         p.error(f"--preset {args.preset} has no stage 0 (the Shapes world's CLIP and LLaMA)")
-    stage0_reads = {"stage", "data", "model_base", "vision_tower", "seed"}         # all that stage0.main reads
+    stage0_reads = ["data", "model_base", "vision_tower", "seed", "ckpt_dir", "resume", "stop_after"]   # stage0.main
     unread = dict.fromkeys(("lora_r", "lora_alpha", "lora_dropout") * (not cfg.lora), "only with --lora") | {
-        0: dict.fromkeys(set(over) - stage0_reads, "stage 0 reads only --data, --model-base, --vision-tower, --seed"),
+        0: dict.fromkeys(set(over) - {"stage", *stage0_reads}, "stage 0 reads only " + ", ".join(
+            "--" + k.replace("_", "-") for k in stage0_reads)),
         1: dict(projector="stage 1 trains a new projector (into --out)"),
         2: dict(projector_type="stage 2 trains the projector in --projector")}[stage]
     if bad := [k for k in over if k in unread]:    # a flag the stage would ignore, silently: refused

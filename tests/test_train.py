@@ -18,6 +18,7 @@ import torch
 import stage0
 import train
 from conftest import ROOT
+from checkpoint import read_safetensors
 from data import Tokenizer
 from model import IGNORE_INDEX, PRESETS, Llava
 
@@ -417,7 +418,7 @@ def test_help_shows_what_each_flag_is_and_the_default_this_preset_and_stage_woul
 
 @pytest.mark.parametrize("argv, says", [
     (["--stage", "0", "--max-steps", "10"], "--max-steps: stage 0 reads only --data, --model-base, --vision-tower, "
-                                            "--seed"),
+                                            "--seed, --ckpt-dir, --resume, --stop-after"),
     (["--stage", "0", "--preset", "llava-1.5"], "--preset llava-1.5 has no stage 0 (the Shapes world's CLIP and "
                                                 "LLaMA)"),
     (["--stage", "1", "--projector", "models/x"], "--projector: stage 1 trains a new projector (into --out)"),
@@ -640,8 +641,8 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tiny, sig):
     assert state["step"] >= 1 and set(state["rng"]) == {"torch", "python", "numpy", "cuda"}
 
 
-def test_ctrl_c_in_stage_0_is_one_line_and_exit_130(tiny):
-    out = {"--vision-tower": tiny / "s0-clip", "--model-base": tiny / "s0-llama"}
+def test_ctrl_c_in_stage_0_saves_a_checkpoint_and_exits_130(tiny):
+    out = {"--vision-tower": tiny / "s0-clip", "--model-base": tiny / "s0-llama", "--ckpt-dir": tiny / "s0-ckpt"}
     cmd = [sys.executable, "train.py", "--stage", "0", "--data", str(tiny / "world")]
     p = subprocess.Popen(cmd + [str(x) for kv in out.items() for x in kv], cwd=ROOT, stderr=subprocess.PIPE,
                          text=True, bufsize=1)
@@ -651,10 +652,40 @@ def test_ctrl_c_in_stage_0_is_one_line_and_exit_130(tiny):
         assert p.poll() is None, seen[-2000:]
     p.send_signal(signal.SIGINT)
     err = p.stderr.read()
-    assert p.wait(timeout=60) == 130, err               # it was a KeyboardInterrupt traceback
-    assert "Traceback" not in err and err.endswith("stage 0 interrupted; written: nothing (each model is written "
-                                                   "whole when its training ends)\n"), err
-    assert not any((d / "model.safetensors").exists() for d in out.values())   # (the directories are made up front)
+    assert p.wait(timeout=60) == 130, err               # it was a KeyboardInterrupt traceback, then all was lost
+    last = err.splitlines()[-1]
+    assert "Traceback" not in err and re.fullmatch(r"stage 0 stopped at the CLIP's step \d+/600: checkpoint saved to "
+                                                   f"{re.escape(str(tiny / 's0-ckpt' / 'ckpt.pt'))}; continue with "
+                                                   "--resume", last), err
+    assert torch.load(tiny / "s0-ckpt" / "ckpt.pt", weights_only=False)["step"] >= 1
+    assert not any((out[d] / "model.safetensors").exists() for d in ("--vision-tower", "--model-base"))
+
+
+def test_stage_0_stopped_and_resumed_makes_the_same_models_to_the_bit(tiny, monkeypatch, capsys):
+    """Stopped in its CLIP, then in its LLaMA, and resumed: the models of a run that never stopped. A resume with
+    another seed is refused."""
+    monkeypatch.setattr(stage0, "CLIP_STEPS", 4)
+    monkeypatch.setattr(stage0, "CLIP_BATCH", 8)
+    monkeypatch.setattr(stage0, "LLM_STEPS", 3)
+    monkeypatch.setattr(stage0, "LLM_BATCH", 4)
+
+    def run(name, *flags):
+        return train.main(["--stage", "0", "--data", str(tiny / "world"), "--vision-tower", str(tiny / f"{name}-clip"),
+                           "--model-base", str(tiny / f"{name}-llama"), "--ckpt-dir", str(tiny / "ckpt" / name),
+                           *flags])
+    assert run("s0-whole") == 0
+    capsys.readouterr()
+    assert run("s0-split", "--stop-after", "2") == 130
+    assert "stage 0 stopped at the CLIP's step 2/4" in capsys.readouterr().err
+    assert run("s0-split", "--resume", "--stop-after", "6") == 130             # the LLaMA's second step
+    assert "stage 0 stopped at the LLaMA's step 2/3" in capsys.readouterr().err
+    assert run("s0-split", "--resume", "--seed", "1") == 2
+    assert "other settings or inputs (seed)" in capsys.readouterr().err
+    assert run("s0-split", "--resume") == 0
+    for part in ("clip", "llama"):
+        whole = dict(read_safetensors(str(tiny / f"s0-whole-{part}" / "model.safetensors")))
+        split = dict(read_safetensors(str(tiny / f"s0-split-{part}" / "model.safetensors")))
+        assert whole.keys() == split.keys() and all(torch.equal(whole[k], split[k]) for k in whole), part
 
 
 def test_ctrl_c_before_the_first_step_is_one_line(tiny, monkeypatch, capsys):
