@@ -61,15 +61,17 @@ def merge_lora(llm: nn.Module):
             setattr(llm.get_submodule(parent), leaf, m.merged())
 
 
-def save_adapter(model, directory, r, alpha, dropout, base_path=""):
+def save_adapter(model, directory, r, alpha, dropout, base_path="", llm=None, clip=None):
     """PEFT layout, as the official LoRA checkpoints (liuhaotian/llava-v1.5-7b-lora) are written. Where stage 2
-    began from a stage-1 dir (base_path), its config.json comes along, pointing at the same base LLM and CLIP, so
-    that from_pretrained loads the adapter dir on its own (the adapters merged), as it loads the official one."""
+    began from a stage-1 dir (base_path), a config.json comes along, pointing at the base LLM and CLIP (`llm` and
+    `clip` where given, else those the stage-1 dir's config names), so that from_pretrained loads the adapter dir on
+    its own (the adapters merged), as it loads the official one."""
     os.makedirs(directory, exist_ok=True)
     src = os.path.join(base_path, "config.json") if base_path else ""
     c = json.load(open(src)) if src and os.path.exists(src) else {}
-    llm, clip = (os.path.join(base_path, c.get(k, "")) for k in ("_name_or_path", "mm_vision_tower"))  # relative to it
-    if {"_name_or_path", "mm_vision_tower"} <= set(c) and os.path.isdir(llm) and os.path.isdir(clip):
+    where = lambda given, key: given or (os.path.join(base_path, c[key]) if key in c else "")   # relative to it
+    llm, clip = where(llm, "_name_or_path"), where(clip, "mm_vision_tower")
+    if c and os.path.isdir(llm) and os.path.isdir(clip):
         write_llava_config(model, directory, llm, clip, tune_mm_mlp_adapter=False)
     sd = {k: v for k, v in model.state_dict().items() if "lora_" in k}
     # ours: language_model.model.layers.0.self_attn.q_proj.lora_A.weight

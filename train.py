@@ -216,7 +216,7 @@ def export(model, cfg, tok_path):
         return save_projector(model, cfg.out, cfg.model_base, cfg.vision_tower)
     if cfg.lora:
         save_adapter(model, os.path.join(cfg.out, "adapter"), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
-                     base_path=cfg.projector)
+                     base_path=cfg.projector, llm=cfg.model_base or None, clip=cfg.vision_tower or None)
         merge_lora(model.language_model)
     model.to(dtype).save_pretrained(cfg.out, tokenizer_path=tok_path)
 

@@ -492,6 +492,14 @@ def test_stage_2_from_a_released_projector_takes_the_base_and_vision_tower_as_fl
     assert "vision tower 'openai/clip-vit-large-patch14-336' is not a local directory" in capsys.readouterr().err
     assert train.main(args(tiny, 2, "from-released", **common)) == 0      # args() gives both, as finetune.sh
     assert train.parse_args(["--stage", "2"]).model_base == ""            # the shapes preset: its stage-1 dir's
+    # with --lora the adapter dir loads on its own, the adapters merged onto the LLM and CLIP given (it had no
+    # config.json: the stage-1 dir's hub ids were all it knew)
+    assert train.main(args(tiny, 2, "from-released-lora", lora=True, lora_r=4, lora_alpha=8, **common)) == 0
+    ids, img = torch.tensor([[1, 5, -200, 7, 9]]), torch.randn(1, 3, 72, 72)
+    merged, adapter = (Llava.from_pretrained(str(tiny / "from-released-lora" / d), dtype=torch.float32, device="cpu")
+                       for d in ("", "adapter"))
+    with torch.no_grad():
+        assert torch.equal(merged(ids, img), adapter(ids, img))
 
 
 def test_a_damaged_or_foreign_snapshot_is_refused_in_one_line(tiny, capsys):
