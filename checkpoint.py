@@ -160,6 +160,20 @@ def no_lfs_pointer(path):
     return path
 
 
+def tokenizer_for(path, cfg):
+    """A tokenizer.model that can serve this model, else one line before the weights load: one with more pieces
+    than the embedding has rows (another model's) gives ids past it, an IndexError at the first prompt."""
+    import sentencepiece as spm
+    try:
+        n = spm.SentencePieceProcessor(model_file=no_lfs_pointer(path)).vocab_size()
+    except (OSError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: not a sentencepiece tokenizer.model ({str(e).splitlines()[0]})") from None
+    if n > cfg.text.vocab_size:
+        raise CheckpointError(f"{path}: {n:,} tokens, but the model's vocabulary has {cfg.text.vocab_size:,}: "
+                              f"another model's tokenizer")
+    return path
+
+
 def weight_files(d):
     """The weight files of an HF-style checkpoint dir: one file, or the shards an index names."""
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
@@ -426,7 +440,7 @@ def load_llava(cls, path, vision_tower=None, dtype=None, device=None, model_base
     else:
         raise CheckpointError(f"{path}/config.json: not a LLaVA checkpoint layout this loader knows")
     tok = [t for t in (os.path.join(p, "tokenizer.model") for p in (path, base)) if os.path.exists(t)]
-    tok = no_lfs_pointer(tok[0]) if tok else None                      # (a pointer is refused before the weights load)
+    tok = tokenizer_for(tok[0], cfg) if tok else None                  # (refused before the weights load)
     device = device or default_device()
     model = skeleton(cls, cfg)
     load_weights(model, sources, dtype or default_dtype(device), device)
@@ -471,7 +485,7 @@ def load_components(cls, llm_dir, vision_dir, projector_type="mlp2x_gelu", dtype
     cfg = config_from(cfg_path, lambda: LlavaConfig(vision=vision, text=LlamaConfig.from_hf(d),
                                                     projector_type=projector_type, **kw))
     tok = os.path.join(llm_dir, "tokenizer.model")
-    tok = no_lfs_pointer(tok) if os.path.exists(tok) else None
+    tok = tokenizer_for(tok, cfg) if os.path.exists(tok) else None
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     model = skeleton(cls, cfg)

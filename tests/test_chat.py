@@ -1,6 +1,7 @@
 """chat.py as a user runs it: a subprocess, with the bundled tiny LLaVA, one-shot, multi-turn and bad input."""
 import os
 import random
+import shutil
 import signal
 import struct
 import subprocess
@@ -138,24 +139,31 @@ def bad_inputs(tmp_path_factory, scene_png):
     (d / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IEND", b""))
     (d / "incomplete").mkdir()                                  # a model dir with a config and no weights
     (d / "incomplete" / "config.json").write_text(open(os.path.join(BUNDLED, "config.json")).read())
+    for name, tok in [("other-tokenizer", os.path.join(os.path.dirname(__file__), "fixtures", "llama-tokenizer.model")),
+                      ("not-a-tokenizer", str(d / "notes.png"))]:   # LLaMA's 32,000 pieces: ids past the 1,024 rows
+        shutil.copytree(BUNDLED, d / name)
+        shutil.copyfile(tok, d / name / "tokenizer.model")
     return d
 
 
 @pytest.mark.parametrize("case", ["missing image", "directory", "zero-byte file", "truncated PNG", "text file .png",
-                                  "decompression bomb", "missing model dir", "incomplete model dir"])
+                                  "decompression bomb", "missing model dir", "incomplete model dir",
+                                  "another model's tokenizer", "a tokenizer that is not one"])
 def test_bad_input_is_one_line_and_exit_2(case, bad_inputs, scene_png):
     d = bad_inputs
     argv = {"missing image": [str(d / "nope.png")], "directory": [str(d)], "zero-byte file": [str(d / "empty.png")],
             "truncated PNG": [str(d / "truncated.png")], "text file .png": [str(d / "notes.png")],
             "decompression bomb": [str(d / "bomb.png")],
             "missing model dir": [scene_png, "--model", str(d / "no-such-model")],
-            "incomplete model dir": [scene_png, "--model", str(d / "incomplete")]}[case]
+            "incomplete model dir": [scene_png, "--model", str(d / "incomplete")],
+            "another model's tokenizer": [scene_png, "--model", str(d / "other-tokenizer")],   # was an IndexError
+            "a tokenizer that is not one": [scene_png, "--model", str(d / "not-a-tokenizer")]}[case]
     r = chat(*argv, "-p", "hi")
     assert r.returncode == 2, (r.returncode, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert "Traceback" not in r.stderr and r.stdout == ""
-    named = argv[2] if "model" in case else argv[0]
+    named = argv[2] if "model" in case or "tokenizer" in case else argv[0]
     assert named in lines[0]                                     # the message names the file at fault
 
 
