@@ -72,8 +72,9 @@ def answer(model, tok, questions, image_folder, template, batch_size=32, max_new
     prompts = [t.prompt([IMAGE_TOKEN + "\n" + q["text"] if "image" in q else q["text"], None]) for q in questions]
     ids = [tokenizer_image_token(p, tok, images=int("image" in q)) for p, q in zip(prompts, questions)]
     max_len, N = model.cfg.text.max_position_embeddings, model.cfg.image_tokens
-    for q, x in zip(questions, ids):       # past the context the model answers from positions it never saw
-        if (n := len(x) + (N - 1) * x.count(IMAGE_TOKEN_INDEX)) >= max_len:
+    length = [len(x) + (N - 1) * x.count(IMAGE_TOKEN_INDEX) for x in ids]     # positions, the image's included
+    for q, n in zip(questions, length):    # past the context the model answers from positions it never saw
+        if n >= max_len:
             raise DataError(f"question_id {q['question_id']}: the prompt is {n} positions long (the image's "
                             f"included); the model's context is {max_len}")
     out = [(done or {}).get(i) for i in range(len(questions))]
@@ -89,8 +90,8 @@ def answer(model, tok, questions, image_folder, template, batch_size=32, max_new
                               vc.image_size, model.cfg.image_aspect_ratio, vc.image_mean, vc.image_std)
                 for i in idx if "image" in questions[i]]
         images = torch.stack(imgs).to(device) if imgs else None
-        new = model.generate(x.to(device), images, attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             eos_token_id=stop)
+        new = model.generate(x.to(device), images, attention_mask=mask.to(device), eos_token_id=stop,
+                             max_new_tokens=min(max_new_tokens, max_len - max(length[i] for i in idx)))   # (context)
         for r, i in enumerate(idx):
             out[i] = tok.decode(new[r].tolist()).strip()
         if log:                                  # a crash or Ctrl-C loses this batch at most

@@ -805,6 +805,26 @@ def test_eval_bad_questions_are_one_line_and_exit_2(case, tiny, capsys):
     assert not ans.exists()
 
 
+def test_eval_answers_stop_at_the_end_of_the_context(tiny, monkeypatch):
+    """A prompt that fits, with fewer positions left than --max-new-tokens: the answer stops where the context ends,
+    as chat.py's does; it went on at positions the model never saw."""
+    import eval as evaluate
+    from data import tokenizer_image_token
+    model = Llava.from_pretrained(str(tiny / "stage1"), dtype=torch.float32, device="cpu")
+    tok, t = Tokenizer(model.tokenizer_path), train.CONV_TEMPLATES["vicuna_v1"]
+    q = dict(question_id=0, image=json.loads(open(tiny / "world" / "eval.jsonl").readline())["image"])
+    for k in range(1, 600):                        # the longest question that leaves fewer than 128 positions
+        q["text"] = "circle " * k
+        n = len(tokenizer_image_token(t.prompt(["<image>\n" + q["text"], None]), tok)) + model.cfg.image_tokens - 1
+        if n > 512 - 128:
+            break
+    asked, generate = [], Llava.generate
+    monkeypatch.setattr(Llava, "generate", lambda self, *a, **kw: asked.append(kw["max_new_tokens"]) or generate(
+        self, *a, **kw))
+    evaluate.answer(model, tok, [q], str(tiny / "world"), "vicuna_v1", max_new_tokens=128)
+    assert n < 512 and asked == [512 - n]
+
+
 def test_eval_a_literal_image_tag_in_a_question_is_text(tiny):
     image = json.loads(open(tiny / "world" / "eval.jsonl").readline())["image"]
     q = tiny / "tag.jsonl"                                     # with and without an image: were ValueErrors
