@@ -7,7 +7,8 @@ device, same prompts, in one run. Each side uses the best attention it offers (o
     python bench.py --config 7b --device cuda --dtype bfloat16 --only training --lora --grad-checkpointing \\
         --train-batch 16                              # our stage-1 and stage-2 LoRA steps alone: memory, MFU
     python bench.py --compile ...                     # ours compiled: decode step (on CUDA a CUDA graph), prefill, ViT
-    python bench.py --load models/llava-v1.5-7b       # peak RSS of loading a checkpoint, against its bf16 size
+    python bench.py --load models/llava-v1.5-7b --vision-tower models/clip-vit-large-patch14-336   # peak RSS of
+                                                      # loading a checkpoint, against its bf16 size
 
 Needs `transformers` (requirements-dev.txt): the reference is measured, never imported by the model code.
 Timings are medians over --iters runs after a warm-up. Results (and the machine) are written to --out as JSON.
@@ -269,10 +270,10 @@ def bench_training(ours, hf, image_token, args, device, dtype, r):
             r[f"stage {stage} MFU"] = (res[0][2], res[1][2])
 
 
-def bench_load(path):
+def bench_load(path, vision_tower=None):
     """Peak RSS of from_pretrained in a fresh process, against the model's bf16 size."""
     code = ("import resource, sys, torch; from model import Llava; from checkpoint import CheckpointError\n"
-            f"try: m = Llava.from_pretrained({path!r}, dtype=torch.bfloat16, device='cpu')\n"
+            f"try: m = Llava.from_pretrained({path!r}, {vision_tower!r}, dtype=torch.bfloat16, device='cpu')\n"
             "except CheckpointError as e: sys.exit(f'error: {e}')\n"
             "n = sum(p.numel() for p in m.parameters()); "
             "print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
@@ -293,7 +294,8 @@ def build_parser():
     p.add_argument("--config", choices=list(CONFIGS), action="append", help="default: tiny and 100m")
     p.add_argument("--device", type=known_device, default="cpu", help="default cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="default float32")
-    p.add_argument("--iters", type=whole(1), default=5, help="timed runs of each measurement, after a warm-up (default 5)")
+    p.add_argument("--iters", type=whole(1), default=5,
+                   help="timed runs of each measurement, after a warm-up (default 5)")
     p.add_argument("--train-batch", type=whole(1), default=4, help="samples per training step (default 4)")
     p.add_argument("--grad-checkpointing", action="store_true", help="in the training steps")
     p.add_argument("--compile", action="store_true",
@@ -303,6 +305,7 @@ def build_parser():
                    "memory is ours)")
     p.add_argument("--lora", action="store_true", help="stage 2 trains LoRA adapters (r 128), not the whole LLM")
     p.add_argument("--load", default=None, help="only measure the peak RSS of loading this checkpoint")
+    p.add_argument("--vision-tower", default=None, help="with --load: the CLIP dir, where the config names a hub id")
     p.add_argument("--out", default="output/bench.json", help="the figures as JSON (default output/bench.json)")
     return p
 
@@ -310,7 +313,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.load:
-        return bench_load(args.load)
+        return bench_load(args.load, args.vision_tower)
     try:                                        # an unwritable --out fails now, not after the whole benchmark
         writable_dir(os.path.dirname(args.out) or ".")
     except DataError as e:

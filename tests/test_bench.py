@@ -71,6 +71,24 @@ def test_a_bad_load_path_or_out_is_one_line_and_exit_2(tmp_path):
         assert r.returncode == 2 and r.stderr == f"error: {said}\n" and r.stdout == "", (argv, r.stderr)
 
 
+def test_load_takes_the_vision_tower_a_released_config_names_by_hub_id(tmp_path):
+    """liuhaotian/llava-v1.5-7b's config names openai/clip-vit-large-patch14-336: chat.py and eval.py take the local
+    CLIP as --vision-tower; `bench.py --load` had no such flag, so it could not load a released checkpoint."""
+    from hf_fixtures import hf_llava, write_clip, write_liuhaotian
+    hf, clip, model = hf_llava(), str(tmp_path / "clip"), str(tmp_path / "llava")
+    write_clip(hf, clip)
+    write_liuhaotian(hf, model, clip)
+    cfg = json.load(open(os.path.join(model, "config.json")))
+    json.dump(cfg | dict(mm_vision_tower="openai/clip-vit-large-patch14-336"), open(os.path.join(model, "config.json"),
+                                                                                    "w"))
+    run = lambda *a: subprocess.run([sys.executable, "bench.py", "--load", model, *a], cwd=ROOT, capture_output=True,
+                                    text=True, timeout=120)
+    r = run()
+    assert r.returncode == 2 and "pass vision_tower=<dir>" in r.stderr, r.stderr
+    r = run("--vision-tower", clip)
+    assert r.returncode == 0 and f"{model}: 0.00 B parameters" in r.stdout, r.stderr
+
+
 def test_a_stopped_run_keeps_the_rows_it_measured(tmp_path):
     """`timeout`'s SIGTERM (a GPU lease ending, say) mid-run: the rows already printed are in --out, exit 130."""
     import signal
