@@ -51,10 +51,11 @@ class Snapshots:
                 raise CheckpointError(f"{path}: no checkpoint to resume from")
             try:
                 self.state = torch.load(path, map_location="cpu", weights_only=False)   # our own file
-                diff = [k for k, v in settings.items() if self.state["settings"].get(k) != v]
-            except Exception as e:     # damaged, or not ours: as train.py's snapshots
+            except Exception as e:     # damaged: as train.py's snapshots
                 raise CheckpointError(f"{path}: cannot resume from it ({str(e).splitlines()[0][:80]})") from None
-            if diff:
+            if not (isinstance(self.state, dict) and {"part", "settings"} <= set(self.state)):
+                raise CheckpointError(f"{path}: cannot resume from it (not a snapshot stage 0 wrote)")
+            if diff := [k for k, v in settings.items() if self.state["settings"].get(k) != v]:
                 raise CheckpointError(f"{path}: was written with other settings or inputs ({', '.join(diff)}); "
                                       f"resume with the same ones")
 

@@ -690,6 +690,11 @@ def test_stage_0_stopped_and_resumed_makes_the_same_models_to_the_bit(tiny, monk
     assert run("s0-split", "--resume", "--seed", "1") == 2
     assert "other settings or inputs (seed)" in capsys.readouterr().err
     assert run("s0-split", "--resume") == 0
+    capsys.readouterr()
+    os.makedirs(tiny / "ckpt" / "s0-foreign")
+    torch.save({"step": 1}, tiny / "ckpt" / "s0-foreign" / "ckpt.pt")            # a torch file, not stage 0's
+    assert run("s0-foreign", "--resume") == 2
+    assert capsys.readouterr().err.endswith("ckpt.pt: cannot resume from it (not a snapshot stage 0 wrote)\n")
     for part in ("clip", "llama"):
         whole = dict(read_safetensors(str(tiny / f"s0-whole-{part}" / "model.safetensors")))
         split = dict(read_safetensors(str(tiny / f"s0-split-{part}" / "model.safetensors")))
