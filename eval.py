@@ -168,6 +168,8 @@ def main(argv=None):
             shapes.generate("data/shapes")
         questions = load_questions(args.questions, None if args.blind else args.image_folder)
         writable_dir(os.path.dirname(path) or ".")   # an unwritable --answers fails now, not after the answers
+        if os.path.isdir(path):
+            raise DataError(f"{path}: a directory; --answers names the answers file")
         model, tok = load_model(args)
         # the batch size, device and compilation may change between an interrupted run and its continuation; the
         # questions and the weights may not (a model trained again into the same directory: two models' answers)

@@ -997,6 +997,11 @@ def test_eval_answers_that_cannot_be_written_are_refused_before_answering(tiny, 
     assert evaluate.main(["--model", str(tiny / "stage1"), "--questions", str(tiny / "world" / "eval.jsonl"),
                           "--image-folder", str(tiny / "world"), "--answers", str(tiny / "a-file" / "a.jsonl")]) == 2
     assert capsys.readouterr().err == f"error: {tiny / 'a-file'}: not a directory this process can write to\n"
+    (tiny / "a-dir").mkdir()                                   # answered everything, then failed to write
+    assert evaluate.main(["--model", str(tiny / "stage1"), "--questions", str(tiny / "world" / "eval.jsonl"),
+                          "--image-folder", str(tiny / "world"), "--answers", str(tiny / "a-dir")]) == 2
+    assert capsys.readouterr().err == f"error: {tiny / 'a-dir'}: a directory; --answers names the answers file\n"
+    assert not (tiny / "a-dir.partial").exists()
 
 
 def test_stage0_region_word_loss_trains_the_patches_llava_reads():
