@@ -316,6 +316,8 @@ def main(argv=None):
         return bench_load(args.load, args.vision_tower)
     try:                                        # an unwritable --out fails now, not after the whole benchmark
         writable_dir(os.path.dirname(args.out) or ".")
+        if os.path.isdir(args.out):
+            raise DataError(f"{args.out}: a directory; --out names the JSON file")
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

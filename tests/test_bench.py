@@ -66,7 +66,8 @@ def test_a_bad_load_path_or_out_is_one_line_and_exit_2(tmp_path):
     for argv, said in [(["--load", str(tmp_path / "nope")], f"{tmp_path / 'nope'}: no such directory"),
                        (["--load", str(tmp_path)], f"{tmp_path / 'config.json'}: missing"),       # were tracebacks
                        (["--out", str(tmp_path / "a-file" / "b.json")],                          # after the whole run
-                        f"{tmp_path / 'a-file'}: not a directory this process can write to")]:
+                        f"{tmp_path / 'a-file'}: not a directory this process can write to"),
+                       (["--out", str(tmp_path)], f"{tmp_path}: a directory; --out names the JSON file")]:
         r = subprocess.run([sys.executable, "bench.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and r.stderr == f"error: {said}\n" and r.stdout == "", (argv, r.stderr)
 
