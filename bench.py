@@ -28,7 +28,7 @@ import torch
 import llama
 import vit
 from chat import known_device
-from checkpoint import free_memory, llava_hf_key, write_json
+from checkpoint import CheckpointError, free_memory, llava_hf_key, write_json
 from data import DataError, whole, writable_dir
 from model import IMAGE_TOKEN_INDEX, LlavaConfig, Llava
 
@@ -350,8 +350,12 @@ def main(argv=None):
     except MemoryError as e:                    # (the configs before it are measured and written)
         print(f"error: {e}", file=sys.stderr)
         code = 2
-    write_json(args.out, dict(machine=machine, torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
-                              argv=sys.argv[1:], results=results), indent=1)
+    try:
+        write_json(args.out, dict(machine=machine, torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
+                                  argv=sys.argv[1:], results=results), indent=1)
+    except CheckpointError as e:                # a full disk: the rows printed above are all there is
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return code
 
 

@@ -90,6 +90,20 @@ def test_load_takes_the_vision_tower_a_released_config_names_by_hub_id(tmp_path)
     assert r.returncode == 0 and f"{model}: 0.00 B parameters" in r.stdout, r.stderr
 
 
+def test_a_full_disk_at_the_end_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    """The figures are printed as they are measured; writing --out at the end on a full disk was a traceback."""
+    import bench
+    from checkpoint import CheckpointError
+
+    def full(path, *a, **k):
+        raise CheckpointError(f"{path}: cannot write (No space left on device)")
+    monkeypatch.setattr(bench, "build", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))   # no rows
+    monkeypatch.setattr(bench, "write_json", full)
+    assert bench.main(["--config", "tiny", "--out", str(tmp_path / "b.json")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: {tmp_path / 'b.json'}: cannot write (No space left " \
+                                                       "on device)"
+
+
 def test_a_stopped_run_keeps_the_rows_it_measured(tmp_path):
     """`timeout`'s SIGTERM (a GPU lease ending, say) mid-run: the rows already printed are in --out, exit 130."""
     import signal
