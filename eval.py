@@ -197,11 +197,15 @@ def main(argv=None):
         print(f"\ninterrupted: {kept}the same command continues", file=sys.stderr)
         return 130
     scores = score(questions, answers)
-    if scores:
-        write_json(os.path.splitext(path)[0] + "-accuracy.json", scores, indent=1)
-        for c, s in scores.items():
-            print(f"{c:>12}: {s['accuracy']:7.2%}  ({s['n']} questions)")
+    for c, s in scores.items():
+        print(f"{c:>12}: {s['accuracy']:7.2%}  ({s['n']} questions)")
     print(f"answers: {path}")
+    try:
+        if scores:
+            write_json(os.path.splitext(path)[0] + "-accuracy.json", scores, indent=1)
+    except CheckpointError as e:                   # a full disk: the scores are printed above
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -963,6 +963,16 @@ def test_eval_a_full_disk_at_the_end_keeps_every_answer_for_the_next_run(tiny, m
     calls, generate = [], Llava.generate
     monkeypatch.setattr(Llava, "generate", lambda self, *a, **k: calls.append(1) or generate(self, *a, **k))
     assert evaluate.main(flags) == 0 and calls == [] and len(open(out).readlines()) == n
+    accuracy = f"{os.path.splitext(out)[0]}-accuracy.json"                 # the disk full after the answers
+
+    def full_after_answers(src, dst):
+        if dst == accuracy:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        replace(src, dst)
+    monkeypatch.setattr(os, "replace", full_after_answers)
+    capsys.readouterr()
+    assert evaluate.main(flags) == 2 and len(open(out).readlines()) == n      # it was a CheckpointError traceback
+    assert capsys.readouterr().err.endswith(f"error: {accuracy}: cannot write (No space left on device)\n")
 
 
 def test_eval_a_full_disk_mid_run_is_one_line_and_the_same_command_continues(tiny, monkeypatch, capsys):
