@@ -182,6 +182,14 @@ def generate(out, seed=0, n_pretrain=8000, n_instruct=8000, n_eval=300, n_instru
     n_instruct + n_instruct_extra instruction samples; the extra ones are drawn after the eval split and kept out of
     the stage-0 corpus, so that the tokenizer, the corpus, stage 0, stage 1 and the eval split do not depend on
     how many there are (why so many: stage 2 sees each sample once, as LLaVA's does; FINDINGS.md)."""
+    from data import DataError
+    try:
+        return _generate(out, seed, n_pretrain, n_instruct, n_eval, n_instruct_extra, vocab_size, image_size)
+    except OSError as e:     # a full disk (the world is 376 MB of PNGs): one line; world.json, written last, is absent
+        raise DataError(f"{out}: cannot write the Shapes world ({e.strerror or e})") from None
+
+
+def _generate(out, seed, n_pretrain, n_instruct, n_eval, n_instruct_extra, vocab_size, image_size):
     rng = random.Random(seed)
     with contextlib.suppress(FileNotFoundError):   # remade over an older world: it is not whole until the end
         os.remove(os.path.join(out, "world.json"))

@@ -84,6 +84,29 @@ def test_a_world_remade_and_cut_short_is_refused(world, tmp_path):
         shapes.ensure(str(out))
 
 
+def test_a_full_disk_while_making_the_world_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    """The world is 376 MB of PNGs: a full disk midway was an OSError traceback. world.json, written last, is
+    absent, so no run takes the part made for a world (shapes.ensure makes it again or refuses it)."""
+    import errno
+
+    import data
+    from PIL import Image
+    saved, save = [], Image.Image.save
+
+    def fills_up(self, *a, **k):
+        if len(saved) == 20:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saved.append(1)
+        return save(self, *a, **k)
+    monkeypatch.setattr(Image.Image, "save", fills_up)
+    out = tmp_path / "shapes"
+    assert data.main(["shapes", "--out", str(out), "--n-pretrain", "40", "--n-instruct", "10", "--n-eval", "2",
+                      "--n-instruct-extra", "0"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: {out}: cannot write the Shapes world (No space left " \
+                                                       "on device)"
+    assert not (out / "world.json").exists()
+
+
 def test_extra_instruction_samples_change_nothing_before_them(world, tmp_path):
     """Stage 2's extra samples are drawn after the eval split and kept out of the corpus: with none of them, every
     other file (so the tokenizer, stage 0, stage 1 and the eval split) is the same, byte for byte."""
