@@ -620,5 +620,9 @@ if __name__ == "__main__":
             why = "no .safetensors file to store in fp16" if os.path.isdir(d) else "no such directory"
             print(f"error: {d}: {why}", file=sys.stderr)
             sys.exit(2)
-    for d in dirs:
-        to_half(d)
+    try:
+        for d in dirs:
+            to_half(d)
+    except CheckpointError as e:                   # a damaged file, a full disk: each file is replaced whole or not
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

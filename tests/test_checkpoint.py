@@ -420,3 +420,9 @@ def test_half_refuses_a_missing_directory_before_changing_any(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr == f"error: {tmp_path / 'data'}: no .safetensors file to store in fp16\n"
     assert dict(read_safetensors(str(tmp_path / "model.safetensors")))["w"].dtype == torch.float32
+    (tmp_path / "damaged").mkdir()                 # a damaged file (or a full disk while writing): was a traceback
+    (tmp_path / "damaged" / "model.safetensors").write_bytes(b"garbage")
+    r = subprocess.run([sys.executable, "checkpoint.py", "half", str(tmp_path / "damaged")], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr == (f"error: {tmp_path / 'damaged' / 'model.safetensors'}: truncated or not "
+                                              f"a safetensors file (7 bytes)\n"), r.stderr
