@@ -116,6 +116,8 @@ class Tokenizer:
 
     def encode(self, text, bos=True):
         ids = [self.bos_id] if bos else []
+        if not text.isascii():           # a lone surrogate (a bad byte on stdin, half an emoji in JSON) would make
+            text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")   # sentencepiece raise: U+FFFD
         for piece in re.split(r"(<s>|</s>|<unk>)", text):
             if piece in self.special:
                 ids.append(self.special[piece])

@@ -3,6 +3,7 @@
 Expected ids are built here independently, from raw sentencepiece calls on the chunks the official rules
 produce (llava-recipe.md §2): the legacy tokenizer encodes the text between "</s>"s on its own, and
 tokenizer_image_token encodes the text between "<image>"s on its own."""
+import json
 import os
 
 import numpy as np
@@ -157,6 +158,19 @@ def test_inference_prompts():
     assert v1 == SYSTEM + " USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT:"
     assert CONV_TEMPLATES["llava_v1"].system.startswith("A chat between a curious human")
     assert CONV_TEMPLATES["plain"].prompt(["<image>\nDescribe.", None]) == "<image>"
+
+
+def test_text_that_is_not_valid_unicode_is_encoded_not_a_crash(llama_tok):
+    """A bad byte on stdin or in argv (Python keeps it as a lone surrogate) or a broken emoji in a JSON file
+    ("\\ud83d" alone, as web-scraped text has) made sentencepiece raise a RuntimeError: chat.py's traceback, and a
+    training run's, mid-epoch, from the worker that met the sample. It is now U+FFFD, as a decoder would show it."""
+    for text in ["a\udcffb", json.loads('"emoji \\ud83d cut"')]:
+        ids = llama_tok.encode(text)
+        assert llama_tok.decode(ids).replace("\ufffd", "") == text.encode("utf-8", "ignore").decode().strip(), ids
+    ids, labels = tokenize_conversation([{"from": "human", "value": "<image>\nWhat is \ud83d?"},
+                                         {"from": "gpt", "value": "A cut emoji \udcff."}], llama_tok)
+    assert IMG in ids and any(x != IGNORE_INDEX for x in labels)
+    assert llama_tok.encode("plain text é 🙂") == llama_tok.sp.encode("plain text é 🙂", add_bos=True)   # as before
 
 
 def test_masking_errors_name_the_sample(llama_tok):
