@@ -44,6 +44,10 @@ class Interrupted(Exception):
     """Ctrl-C, SIGTERM or --stop-after: the checkpoint is saved; --resume continues."""
 
 
+class Diverged(Exception):
+    """A gradient that is NaN or inf: stopped before the update would put it into the weights and the snapshots."""
+
+
 @dataclass
 class TrainConfig:
     stage: int = 1                                 # 1: align the projector; 2: instruction tuning; 0: tiny CLIP, LLM
@@ -396,6 +400,10 @@ def _train(cfg: TrainConfig, closing):
                 loss_sum += out.loss.detach() * out.n_tokens
             scaler.unscale_(opt)                # the norm before clipping (inf: no clipping) goes into metrics.json
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or float("inf"))
+            if not (scaler.is_enabled() or torch.isfinite(grad_norm)):    # (fp16's scaler skips such a step itself)
+                raise Diverged(f"step {step + 1}: the gradient norm is {grad_norm.item()}: the run has diverged; "
+                               f"stopped before the update, so the snapshots so far hold none of it (a lower --lr, "
+                               f"and run again)")
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
@@ -509,7 +517,7 @@ def main(argv=None):
     except (Interrupted, KeyboardInterrupt) as e:  # KeyboardInterrupt: Ctrl-C while loading or making the data
         print(str(e) or "interrupted before the first step", file=sys.stderr)
         return 130                                 # the shell's code for "ended by Ctrl-C"
-    except (DataError, CheckpointError, UsageError) as e:
+    except (DataError, CheckpointError, UsageError, Diverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except torch.cuda.OutOfMemoryError as e:       # a setting to change, not a bug: say which

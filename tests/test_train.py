@@ -330,6 +330,19 @@ def test_a_full_disk_keeps_the_last_snapshot_and_leaves_no_half_file(tiny, monke
     assert train.main(flags + ["--resume"]) == 0 and len(metrics(tiny, "full-disk")["train"]) == 6
 
 
+def test_a_diverged_run_stops_before_the_nan_reaches_the_weights(tiny, capsys):
+    """An lr far too high: the loss and gradient went NaN at step 2, and the run went on to the end, overwrote each
+    snapshot with NaN weights and exported a NaN model, exit 0. Now it stops before the update; the snapshot of
+    step 1 is what it was."""
+    assert train.main(args(tiny, 1, "diverged", lr=1e30, max_steps=4, ckpt_every=1)) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == ("error: step 2: the gradient norm is nan: the run has "
+                                                        "diverged; stopped before the update, so the snapshots so far "
+                                                        "hold none of it (a lower --lr, and run again)")
+    state = torch.load(tiny / "ckpt" / "diverged" / "ckpt.pt", weights_only=False)
+    assert state["step"] == 1 and all(torch.isfinite(t).all() for t in state["trainable"].values())
+    assert not (tiny / "diverged" / "mm_projector.bin").exists()
+
+
 def test_out_of_gpu_memory_is_one_line_saying_what_to_change(tiny, monkeypatch, capsys):
     """Full fine-tuning of 7B on one GPU (README: out of reach without sharding) ended in a CUDA OOM traceback. CI
     has no GPU, so the error is raised where the run would meet it, inside train(); what is tested is the report."""
