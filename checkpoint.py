@@ -564,23 +564,29 @@ def fingerprint(named_tensors):
     return h.hexdigest()
 
 
+def read_snapshot(path, keys, writer, config: dict, defaults: dict):
+    """A snapshot's state (train.py's, stage 0's), refused in one line if it is damaged, lacks `keys` (another
+    program wrote it), or was written with other settings than `config` (see load_snapshot for `defaults`)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)   # our own file: optimizer + RNG state
+    except Exception as e:     # a damaged file fails as unpickling can: UnpicklingError, ValueError, MemoryError...
+        raise CheckpointError(f"{path}: cannot resume from it ({str(e).splitlines()[0].split('. ')[0]})") from None
+    if not (isinstance(state, dict) and keys <= set(state)):
+        raise CheckpointError(f"{path}: cannot resume from it (not a snapshot {writer} wrote)")
+    free = ("resume", "max_steps", "stop_after", "ckpt_every", "eval_every", "num_workers")   # may change
+    if diff := [k for k, v in (defaults | state["config"]).items() if k not in free and config.get(k) != v]:
+        raise CheckpointError(f"{path}: was written with other settings or inputs ({', '.join(diff)}); resume with the "
+                              f"same ones")
+    return state
+
+
 def load_snapshot(path, model, opt, scaler, config: dict, defaults: dict):
     """Restore save_snapshot's state in place; returns (step, metrics). Refuses a run with other settings (train.py
     counts its data's sha1 and its frozen weights' fingerprint among them). `defaults` are the settings' default
     values: a setting added after the snapshot was written is compared as the default, which is what the older
     code ran as (new settings default to the old behaviour)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)   # our own file: optimizer + RNG state
-    except Exception as e:     # a damaged file fails as unpickling can: UnpicklingError, ValueError, MemoryError...
-        raise CheckpointError(f"{path}: cannot resume from it ({str(e).splitlines()[0].split('. ')[0]})") from None
     saved = {"config", "trainable", "optimizer", "scaler", "rng", "step", "metrics"}    # what save_snapshot writes
-    if not (isinstance(state, dict) and saved <= set(state)):
-        raise CheckpointError(f"{path}: cannot resume from it (not a snapshot train.py wrote)")
-    free = ("resume", "max_steps", "stop_after", "ckpt_every", "eval_every", "num_workers")   # may change
-    diff = [k for k, v in (defaults | state["config"]).items() if k not in free and config.get(k) != v]
-    if diff:
-        raise CheckpointError(f"{path}: was written with other settings or inputs ({', '.join(diff)}); resume with the "
-                              f"same ones")
+    state = read_snapshot(path, saved, "train.py", config, defaults)
     params = dict(model.named_parameters())
     for n, t in state["trainable"].items():
         params[n].data.copy_(t)

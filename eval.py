@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from chat import DEVICE_HELP, DTYPE_HELP, known_device, load_model
-from checkpoint import CheckpointError, fingerprint, need_dirs, replacing, write_json
+from checkpoint import CheckpointError, fingerprint, need_dirs, replacing, text_sha1, write_json
 from data import (CONV_TEMPLATES, IMAGE_TOKEN, DataError, load_image, process_image, tokenizer_image_token, whole,
                   writable_dir)
 from model import IMAGE_TOKEN_INDEX
@@ -174,7 +174,7 @@ def main(argv=None):
         # the batch size, device and compilation may change between an interrupted run and its continuation; the
         # questions and the weights may not (a model trained again into the same directory: two models' answers)
         settings = {k: v for k, v in vars(args).items() if k not in ("batch_size", "device", "compile")}
-        settings["questions_sha1"] = hashlib.sha1(json.dumps(questions).encode()).hexdigest()
+        settings["questions_sha1"] = text_sha1(json.dumps(questions))
         settings["weights"] = fingerprint(model.named_parameters())
         if done := resume(partial, settings):
             print(f"continuing from {partial}: {len(done)} of {len(questions)} answered", file=sys.stderr)

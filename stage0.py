@@ -28,7 +28,7 @@ from tqdm import tqdm
 import llama
 import shapes
 import vit
-from checkpoint import CheckpointError, replacing, text_sha1, write_json, write_safetensors
+from checkpoint import CheckpointError, read_snapshot, replacing, text_sha1, write_json, write_safetensors
 from data import Tokenizer, process_image, writable_dir
 
 CLIP_STEPS, CLIP_BATCH, LLM_STEPS, LLM_BATCH = 600, 128, 400, 32     # what `train.py --stage 0` runs
@@ -46,18 +46,10 @@ class Snapshots:
     def __init__(self, path, settings, resume, stop_after, clip_steps):
         self.path, self.settings, self.stop_after, self.clip_steps = path, settings, stop_after, clip_steps
         self.stop, self.state, self.extra = [], None, {}        # stop: Ctrl-C or SIGTERM came (main's handlers)
-        if resume:
+        if resume:                                              # damaged, foreign or other settings: one line
             if not os.path.exists(path):
                 raise CheckpointError(f"{path}: no checkpoint to resume from")
-            try:
-                self.state = torch.load(path, map_location="cpu", weights_only=False)   # our own file
-            except Exception as e:     # damaged: as train.py's snapshots
-                raise CheckpointError(f"{path}: cannot resume from it ({str(e).splitlines()[0][:80]})") from None
-            if not (isinstance(self.state, dict) and {"part", "settings"} <= set(self.state)):
-                raise CheckpointError(f"{path}: cannot resume from it (not a snapshot stage 0 wrote)")
-            if diff := [k for k, v in settings.items() if self.state["settings"].get(k) != v]:
-                raise CheckpointError(f"{path}: was written with other settings or inputs ({', '.join(diff)}); "
-                                      f"resume with the same ones")
+            self.state = read_snapshot(path, {"part", "step", "config"}, "stage 0", settings, {})
 
     def restore(self, part, model, opt, rng):
         """(the step to start `part`, "clip" or "llm", from; its last losses), its state restored from the snapshot
@@ -74,7 +66,7 @@ class Snapshots:
         """After step `step` (1-based) of `steps`: a snapshot every 100 steps, at the last, on a stop (then Stopped)."""
         stop = bool(self.stop) or step + (part == "llm") * self.clip_steps == self.stop_after
         if stop or step % 100 == 0 or step == steps:
-            state = dict(part=part, step=step, settings=self.settings, model=model.state_dict(),
+            state = dict(part=part, step=step, config=self.settings, model=model.state_dict(),
                          optimizer=opt.state_dict(), torch_rng=torch.get_rng_state(), losses=losses,
                          rng=rng.getstate() if part == "clip" else rng.get_state(), **self.extra)
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
