@@ -52,11 +52,14 @@ def load_questions(path, image_folder=None):
         except ValueError as e:
             raise DataError(f"{path}: line {n} is not JSON ({e})") from None
         if not (isinstance(q, dict) and "question_id" in q and isinstance(q.get("text"), str)
-                and isinstance(q.get("image", ""), str)):
-            raise DataError(f"{path}: line {n} needs a question_id, a text string and, if it has one, an image path")
+                and all(isinstance(q.get(k, ""), str) for k in ("image", "answer", "category"))):
+            raise DataError(f"{path}: line {n} needs a question_id, a text string and, if it has them, an image "
+                            f"path and an answer and category as strings")
         if image_folder is not None and "image" in q and not os.path.isfile(os.path.join(image_folder, q["image"])):
             raise DataError(f"{path}: line {n}: {os.path.join(image_folder, q['image'])}: no such file")
         qs.append(q)
+    if not qs:                           # the wrong file, most likely: an empty answers file would say nothing
+        raise DataError(f"{path}: no questions")
     return qs
 
 

@@ -800,18 +800,24 @@ def test_eval_writes_official_answers(tiny, capsys):
 
 
 @pytest.mark.parametrize("case", ["not JSON", "no question_id", "null image", "numeric text", "missing image",
-                                  "prompt past the context"])
+                                  "prompt past the context", "numeric answer", "numeric category", "no questions"])
 def test_eval_bad_questions_are_one_line_and_exit_2(case, tiny, capsys):
     """Refused before the first answer (a missing image or an over-long prompt used to fail, or be answered from
-    garbage, mid-run), in one line that names the file and line, or the question."""
+    garbage, mid-run; a numeric answer or category was an AttributeError or TypeError traceback in the scoring,
+    after every answer was made; an empty file wrote an empty answers file, exit 0), in one line that names the
+    file and line, or the question."""
     import eval as evaluate
     good = dict(question_id=7, image=json.loads(open(tiny / "world" / "eval.jsonl").readline())["image"], text="hi")
     line = {"not JSON": "{question_id: 7}", "no question_id": json.dumps(dict(image=good["image"], text="hi")),
             "null image": json.dumps(dict(good, image=None)), "numeric text": json.dumps(dict(good, text=5)),
             "missing image": json.dumps(dict(good, image="images/eval/nope.png")),
-            "prompt past the context": json.dumps(dict(good, text="circle " * 600))}[case]
+            "prompt past the context": json.dumps(dict(good, text="circle " * 600)),
+            "numeric answer": json.dumps(dict(good, answer=2)), "numeric category": json.dumps(dict(good, category=1)),
+            "no questions": ""}[case]
     q, ans = tiny / "bad.jsonl", tiny / "bad-answers.jsonl"
     q.write_text(json.dumps(dict(good, question_id=6)) + "\n\n" + line + "\n")   # the bad one on line 3
+    if case == "no questions":
+        q.write_text("\n\n")
     assert evaluate.main(["--model", str(tiny / "stage1"), "--questions", str(q), "--image-folder",
                           str(tiny / "world"), "--answers", str(ans), "--max-new-tokens", "4", "--conv-mode",
                           "vicuna_v1"]) == 2                  # (`plain`, the stage-1 model's, drops the text)
@@ -819,7 +825,7 @@ def test_eval_bad_questions_are_one_line_and_exit_2(case, tiny, capsys):
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: ") and "Traceback" not in err, err
     assert ("question_id 7: the prompt is " in last and "the model's context is 512" in last if "context" in case
-            else f"{q}: line 3" in last), err
+            else last == f"error: {q}: no questions" if case == "no questions" else f"{q}: line 3" in last), err
     assert not ans.exists()
 
 
