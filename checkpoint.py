@@ -534,10 +534,11 @@ def write_llava_config(model, directory, model_base, vision_tower, **extra):
 
 
 # ------------------------------------------------------------------------------- resumable training snapshots
-def save_snapshot(path, model, opt, scaler, step, metrics, config: dict):
+def save_snapshot(path, model, opt, scaler, step, metrics, config: dict, finished=False):
     """Everything train.py needs to continue exactly: trainable weights, optimizer, loss scaler, step (which
-    fixes the data position), RNG states, the records so far; written atomically."""
+    fixes the data position), RNG states, the records so far; written atomically. `finished`: the last step's."""
     state = dict(step=step, config=config, metrics=metrics, optimizer=opt.state_dict(), scaler=scaler.state_dict(),
+                 finished=finished,
                  trainable={n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
                  rng=dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
                           cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
@@ -562,6 +563,19 @@ def fingerprint(named_tensors):
         flat = t.detach().reshape(-1)
         h.update(name.encode() + torch.cat([flat[:1024], flat[-1024:]]).double().cpu().numpy().tobytes())
     return h.hexdigest()
+
+
+def refuse_overwrite(path):
+    """A run started afresh (no --resume) writes its first snapshot over the one at `path`: if that run had not
+    finished, its hours are lost to a forgotten --resume. Refused in one line. A finished run's snapshot, and one
+    that cannot be read (so could not be resumed either), may be overwritten."""
+    try:                                           # mmap: the weights and optimizer state are not read
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:                              # none there, damaged, or not a zip-format torch file
+        return
+    if isinstance(state, dict) and not state.get("finished"):
+        raise CheckpointError(f"{path}: holds the snapshot of a run that has not finished; --resume continues it, "
+                              f"or delete it (or give another --ckpt-dir) to start over")
 
 
 def read_snapshot(path, keys, writer, config: dict, defaults: dict):

@@ -28,7 +28,8 @@ from tqdm import tqdm
 import llama
 import shapes
 import vit
-from checkpoint import CheckpointError, read_snapshot, replacing, text_sha1, write_json, write_safetensors
+from checkpoint import (CheckpointError, read_snapshot, refuse_overwrite, replacing, text_sha1, write_json,
+                        write_safetensors)
 from data import Tokenizer, process_image, writable_dir
 
 CLIP_STEPS, CLIP_BATCH, LLM_STEPS, LLM_BATCH = 600, 128, 400, 32     # what `train.py --stage 0` runs
@@ -50,6 +51,8 @@ class Snapshots:
             if not os.path.exists(path):
                 raise CheckpointError(f"{path}: no checkpoint to resume from")
             self.state = read_snapshot(path, {"part", "step", "config"}, "stage 0", settings, {})
+        else:                                                   # a forgotten --resume would overwrite it
+            refuse_overwrite(path)
 
     def restore(self, part, model, opt, rng):
         """(the step to start `part`, "clip" or "llm", from; its last losses), its state restored from the snapshot
@@ -66,9 +69,9 @@ class Snapshots:
         """After step `step` (1-based) of `steps`: a snapshot every 100 steps, at the last, on a stop (then Stopped)."""
         stop = bool(self.stop) or step + (part == "llm") * self.clip_steps == self.stop_after
         if stop or step % 100 == 0 or step == steps:
-            state = dict(part=part, step=step, config=self.settings, model=model.state_dict(),
-                         optimizer=opt.state_dict(), torch_rng=torch.get_rng_state(), losses=losses,
-                         rng=rng.getstate() if part == "clip" else rng.get_state(), **self.extra)
+            state = dict(part=part, step=step, finished=part == "llm" and step == steps, config=self.settings,
+                         model=model.state_dict(), optimizer=opt.state_dict(), torch_rng=torch.get_rng_state(),
+                         losses=losses, rng=rng.getstate() if part == "clip" else rng.get_state(), **self.extra)
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             with replacing(self.path) as tmp:
                 torch.save(state, tmp)

@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from checkpoint import (CheckpointError, fingerprint, load_components, load_snapshot, need_dirs, replacing,
-                        save_projector, save_snapshot, text_sha1, write_json)
+from checkpoint import (CheckpointError, fingerprint, load_components, load_snapshot, need_dirs, refuse_overwrite,
+                        replacing, save_projector, save_snapshot, text_sha1, write_json)
 from data import CONV_TEMPLATES, DataError, LlavaDataset, Tokenizer, collate, modality_grouped_order, writable_dir
 from lora import apply_lora, merge_lora, save_adapter
 from model import IGNORE_INDEX, Llava
@@ -315,6 +315,8 @@ def _train(cfg: TrainConfig, closing):
     ckpt_path = os.path.join(ckpt_dir, "ckpt.pt")
     if cfg.resume and not os.path.exists(ckpt_path):
         raise CheckpointError(f"{ckpt_path}: no checkpoint to resume from")
+    if not cfg.resume:                             # a forgotten --resume would overwrite an unfinished run's
+        refuse_overwrite(ckpt_path)
 
     model = build_model(cfg, device, amp or torch.float32)
     if model.tokenizer_path is None:
@@ -402,8 +404,8 @@ def _train(cfg: TrainConfig, closing):
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or float("inf"))
             if not (scaler.is_enabled() or torch.isfinite(grad_norm)):    # (fp16's scaler skips such a step itself)
                 raise Diverged(f"step {step + 1}: the gradient norm is {grad_norm.item()}: the run has diverged; "
-                               f"stopped before the update, so the snapshots so far hold none of it (a lower --lr, "
-                               f"and run again)")
+                               f"stopped before the update, so the snapshots so far hold none of it (delete "
+                               f"{ckpt_path} and run again with a lower --lr)")
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
@@ -432,7 +434,7 @@ def _train(cfg: TrainConfig, closing):
             if master and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == total or interrupted):
                 metrics["wall_time_s"] = metrics.get("wall_time_s", 0) + time.time() - t_start
                 t_start = time.time()
-                save_snapshot(ckpt_path, raw, opt, scaler, step, metrics, settings)
+                save_snapshot(ckpt_path, raw, opt, scaler, step, metrics, settings, finished=step == total)
                 write_records(metrics, log_dir)
             if interrupted:
                 if ddp:                         # leave together: a rank that tears gloo down while rank 0

@@ -335,10 +335,12 @@ def test_a_diverged_run_stops_before_the_nan_reaches_the_weights(tiny, capsys):
     snapshot with NaN weights and exported a NaN model, exit 0. Now it stops before the update; the snapshot of
     step 1 is what it was."""
     assert train.main(args(tiny, 1, "diverged", lr=1e30, max_steps=4, ckpt_every=1)) == 2
+    ckpt = tiny / "ckpt" / "diverged" / "ckpt.pt"
     assert capsys.readouterr().err.splitlines()[-1] == ("error: step 2: the gradient norm is nan: the run has "
                                                         "diverged; stopped before the update, so the snapshots so far "
-                                                        "hold none of it (a lower --lr, and run again)")
-    state = torch.load(tiny / "ckpt" / "diverged" / "ckpt.pt", weights_only=False)
+                                                        f"hold none of it (delete {ckpt} and run again with a lower "
+                                                        "--lr)")
+    state = torch.load(ckpt, weights_only=False)
     assert state["step"] == 1 and all(torch.isfinite(t).all() for t in state["trainable"].values())
     assert not (tiny / "diverged" / "mm_projector.bin").exists()
 
@@ -460,6 +462,22 @@ def test_an_interrupted_run_resumes_exactly(tiny):
     assert split["val"][-1]["loss"] == whole["val"][-1]["loss"]
     # resuming with other settings would not continue the same run: refused in one line
     assert train.main(args(tiny, 2, "split", resume=True, **common | dict(lr=5e-3))) == 2
+
+
+def test_a_fresh_run_over_an_unfinished_runs_snapshot_is_refused(tiny, capsys):
+    """The same command without --resume (a forgotten flag) started over and, at its first snapshot, overwrote the
+    unfinished run's: all its steps lost. Refused in one line; a finished run's snapshot may be written over."""
+    flags = args(tiny, 1, "forgot", max_steps=3, ckpt_every=1)
+    ckpt = tiny / "ckpt" / "forgot" / "ckpt.pt"
+    assert train.main(flags + ["--stop-after", "2"]) == 130
+    capsys.readouterr()
+    assert train.main(flags) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (f"error: {ckpt}: holds the snapshot of a run that has not "
+                                                        "finished; --resume continues it, or delete it (or give "
+                                                        "another --ckpt-dir) to start over")
+    assert torch.load(ckpt, weights_only=False)["step"] == 2
+    assert train.main(flags + ["--resume"]) == 0                # finished now
+    assert train.main(flags) == 0 and len(metrics(tiny, "forgot")["train"]) == 3     # started over
 
 
 def test_resuming_over_changed_data_or_frozen_weights_is_refused(tiny, tmp_path, capsys):
@@ -694,10 +712,12 @@ def test_stage_0_stopped_and_resumed_makes_the_same_models_to_the_bit(tiny, monk
         return train.main(["--stage", "0", "--data", str(tiny / "world"), "--vision-tower", str(tiny / f"{name}-clip"),
                            "--model-base", str(tiny / f"{name}-llama"), "--ckpt-dir", str(tiny / "ckpt" / name),
                            *flags])
-    assert run("s0-whole") == 0
+    assert run("s0-whole") == 0 and run("s0-whole") == 0         # a finished run's snapshot may be written over
     capsys.readouterr()
     assert run("s0-split", "--stop-after", "2") == 130
     assert "stage 0 stopped at the CLIP's step 2/4" in capsys.readouterr().err
+    assert run("s0-split") == 2                                  # without --resume: it would overwrite the snapshot
+    assert "ckpt.pt: holds the snapshot of a run that has not finished" in capsys.readouterr().err
     assert run("s0-split", "--resume", "--stop-after", "6") == 130             # the LLaMA's second step
     assert "stage 0 stopped at the LLaMA's step 2/3" in capsys.readouterr().err
     assert run("s0-split", "--resume", "--seed", "1") == 2
