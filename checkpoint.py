@@ -567,13 +567,14 @@ def fingerprint(named_tensors):
 
 def refuse_overwrite(path):
     """A run started afresh (no --resume) writes its first snapshot over the one at `path`: if that run had not
-    finished, its hours are lost to a forgotten --resume. Refused in one line. A finished run's snapshot, and one
-    that cannot be read (so could not be resumed either), may be overwritten."""
+    finished, its hours are lost to a forgotten --resume. Refused in one line. A finished run's snapshot may be
+    overwritten, and so may one that cannot be read (it could not be resumed either) or one from before snapshots
+    said whether they finished."""
     try:                                           # mmap: the weights and optimizer state are not read
         state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception:                              # none there, damaged, or not a zip-format torch file
         return
-    if isinstance(state, dict) and not state.get("finished"):
+    if isinstance(state, dict) and state.get("finished") is False:
         raise CheckpointError(f"{path}: holds the snapshot of a run that has not finished; --resume continues it, "
                               f"or delete it (or give another --ckpt-dir) to start over")
 

@@ -478,6 +478,11 @@ def test_a_fresh_run_over_an_unfinished_runs_snapshot_is_refused(tiny, capsys):
     assert torch.load(ckpt, weights_only=False)["step"] == 2
     assert train.main(flags + ["--resume"]) == 0                # finished now
     assert train.main(flags) == 0 and len(metrics(tiny, "forgot")["train"]) == 3     # started over
+    assert train.main(flags + ["--stop-after", "1"]) == 130
+    state = torch.load(ckpt, weights_only=False)
+    del state["finished"]                                       # written before snapshots said: not refused
+    torch.save(state, ckpt)
+    assert train.main(flags) == 0
 
 
 def test_resuming_over_changed_data_or_frozen_weights_is_refused(tiny, tmp_path, capsys):
