@@ -337,9 +337,9 @@ class LlavaDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         s = self.raw(i)
+        name = f"sample {i} (id {s.get('id')})"
         try:
-            ids, labels = tokenize_conversation(s["conversations"], self.tok, self.template, "image" in s,
-                                                name=f"sample {i} (id {s.get('id')})")
+            ids, labels = tokenize_conversation(s["conversations"], self.tok, self.template, "image" in s, name=name)
         except DataError as e:                     # a tokenization mismatch: the official code trains on nothing
             return {"skipped": str(e)}
         image = None
@@ -347,16 +347,20 @@ class LlavaDataset(torch.utils.data.Dataset):
             try:
                 image = process_image(load_image(os.path.join(self.image_folder, s["image"])), **self.image)
             except DataError as e:
-                return {"skipped": f"sample {i} (id {s.get('id')}): {e}"}
-        return {"ids": ids, "labels": labels, "image": image}
+                return {"skipped": f"{name}: {e}"}
+        return {"ids": ids, "labels": labels, "image": image, "name": name}
 
 
 def collate(batch, pad_id=0, max_length=2048):
     """Right-pad a list of samples into tensors, truncating the text to max_length tokens as the official
     collator does (before each -200 becomes 576 image positions). Images come only from samples that have
-    one, in order: (n_img, 3, S, S) or None. Samples that were skipped are dropped and listed."""
-    skipped = [b["skipped"] for b in batch if "skipped" in b]
-    batch = [b for b in batch if "skipped" not in b]
+    one, in order: (n_img, 3, S, S) or None. Samples that were skipped are dropped and listed, and so are those
+    that truncation leaves no answer token (a --max-length too small: the official code trains on nothing for
+    them, silently)."""
+    why = [b.get("skipped") or (all(x == IGNORE_INDEX for x in b["labels"][1:max_length])    # (labels shift by 1)
+                                and f"{b.get('name', 'a sample')}: no answer token within --max-length {max_length}")
+           for b in batch]
+    skipped, batch = [w for w in why if w], [b for b, w in zip(batch, why) if not w]
     T = min(max_length, max((len(b["ids"]) for b in batch), default=0))
     ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.long)

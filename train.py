@@ -537,7 +537,8 @@ def main(argv=None):
         val = f"validation {m['val'][-1]['loss']:.4f}" if m["val"] else "no validation set"
         print(f"stage {cfg.stage} done: {len(m['train'])} steps, final loss {m['train'][-1]['loss']:.4f}, {val}; "
               f"model in {cfg.out}, records in {model.log_dir}"
-              + (f"; {len(m['skipped'])} sample(s) skipped (unreadable image, tokenization mismatch)"
+              + (f"; {len(m['skipped'])} sample(s) skipped (unreadable image, tokenization mismatch, no answer "
+                 f"within --max-length: listed in metrics.json)"
                  if m["skipped"] else ""))
     return 0
 

@@ -1,6 +1,7 @@
 """data.py's dataset side: the Shapes world, the lazy JSON index, collate, the check pass and bad data."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -136,9 +137,16 @@ def test_datasets_load_and_collate(world):
     lens = [len(it["ids"]) for it in items]
     assert batch["attention_mask"].sum(1).tolist() == lens                 # right padding
     assert (batch["labels"][~batch["attention_mask"]] == IGNORE_INDEX).all()
-    short = collate(items, tok.pad_id, max_length=10)                       # truncation as the official collator
-    assert short["input_ids"].shape[1] == 10
+    first = [next(j for j, x in enumerate(it["labels"]) if x != IGNORE_INDEX) for it in items]   # 1st answer token
+    T = max(first) + 1                                                      # every sample keeps an answer token
+    short = collate(items, tok.pad_id, max_length=T)                        # truncation as the official collator
+    assert T < max(lens) and short["input_ids"].shape == (8, T) and short["skipped"] == []
     assert short["images"] is None or len(short["images"]) == (short["input_ids"] == IMG).sum()
+    # cut before any answer: the official code trains on nothing for such a sample, silently; here it is skipped
+    none = collate(items, tok.pad_id, max_length=min(first))
+    assert none["input_ids"].shape == (0, 0) and none["images"] is None and len(none["skipped"]) == 8
+    assert all(re.fullmatch(rf"sample {i} \(id .*\): no answer token within --max-length {min(first)}", w)
+               for i, w in enumerate(none["skipped"]))
     pre = LlavaDataset(os.path.join(world, "pretrain.json"), tok, world, "plain", image_size=64, aspect="crop")
     it = pre[0]
     assert it["ids"][:2] == [1, IMG] and it["labels"][:2] == [IGNORE_INDEX] * 2 and it["ids"][-1] == tok.newline_id

@@ -371,6 +371,20 @@ def test_a_validation_batch_of_unreadable_images_does_not_end_the_run(tiny, caps
     assert "validation nan" in capsys.readouterr().out and (tiny / "valbroken" / "mm_projector.bin").exists()
 
 
+def test_samples_cut_before_their_answer_by_max_length_are_skipped_and_said(tiny, capsys):
+    """A --max-length that leaves a sample no answer token: the official code trains on nothing for it, silently,
+    and so did this (loss 0.0000 for a run that learned nothing). Now each is skipped and named, as an unreadable
+    image is. Stage 1's captions start at token 2 (after BOS and the image): 2 cuts every one."""
+    assert train.main(args(tiny, 1, "cut", max_steps=2, max_length=2)) == 0
+    skipped = metrics(tiny, "cut")["skipped"]
+    assert len(skipped) == 2 * 8 and all(re.fullmatch(r"sample \d+ \(id .*\): no answer token within --max-length "
+                                                      r"2", w) for w in skipped)
+    assert "; 16 sample(s) skipped (unreadable image, tokenization mismatch, no answer within --max-length: " \
+           "listed in metrics.json)" in capsys.readouterr().out
+    assert train.main(args(tiny, 1, "uncut", max_steps=2, max_length=3)) == 0      # one caption token: trains
+    assert metrics(tiny, "uncut")["skipped"] == [] and metrics(tiny, "uncut")["train"][0]["loss"] > 0
+
+
 @pytest.mark.parametrize("where", ["out", "ckpt_dir", "log_dir"])
 def test_an_output_that_cannot_be_written_is_refused_before_training(tiny, where, capsys):
     (tiny / "a-file").write_text("not a directory")
