@@ -348,8 +348,11 @@ def clip_config(d):
 
 
 def liuhaotian_config(d, vision, config_cls, conv_template):
-    if d.get("mm_use_im_start_end") or d.get("mm_patch_merge_type", "flat") != "flat":
-        raise CheckpointError("config.json: image start/end tokens and LLaVA-1.6 anyres are not supported")
+    if d.get("mm_use_im_start_end") or d.get("mm_patch_merge_type", "flat") != "flat" or str(
+            d.get("image_aspect_ratio")).startswith("anyres"):        # (config_from names the file)
+        raise ValueError("image start/end tokens and LLaVA-1.6 anyres are not supported")
+    if d.get("model_type", "llava") not in ("llava", "llava_llama", "llama"):    # llava_mistral, llava_mpt ...
+        raise ValueError(f"a {d['model_type']} checkpoint; only LLaVA on LLaMA (Vicuna) is supported")
     return config_cls(vision=vision, text=LlamaConfig.from_hf(d), projector_type=d.get("mm_projector_type", "linear"),
                       vision_feature_layer=d.get("mm_vision_select_layer", -1),   # official defaults
                       vision_feature_select=d.get("mm_vision_select_feature", "patch"),
@@ -358,6 +361,10 @@ def liuhaotian_config(d, vision, config_cls, conv_template):
 
 
 def llava_hf_config(d, config_cls):
+    if d.get("model_type", "llava") != "llava":   # llava_next (1.6), llava_onevision...: other image handling
+        raise ValueError(f"a {d['model_type']} checkpoint; only LLaVA-1 and LLaVA-1.5 (model_type llava) are supported")
+    if (d.get("text_config") or {}).get("model_type", "llama") != "llama":       # qwen2, mistral ...
+        raise ValueError(f"a {d['text_config']['model_type']} language model; only LLaMA (Vicuna) is supported")
     layer = d.get("vision_feature_layer", -2)
     if not isinstance(layer, int) or d.get("projector_hidden_act", "gelu") != "gelu" or \
             not d.get("multimodal_projector_bias", True):

@@ -363,7 +363,13 @@ def test_not_a_checkpoint(layouts, tmp_path, monkeypatch):
      "layer_norm_eps is 'small', not float"),
     ("liuhaotian", "", lambda c: c.update(rope_scaling={"type": "linear", "factor": 2.0}), "RoPE scaling"),
     ("liuhaotian", "clip", lambda c: c["vision_config"].update(hidden_size=[64]), "hidden_size is [64], not int"),
-    ("stage1", "base", lambda c: c.update(hidden_act="gelu"), "only LLaMA with SiLU")])
+    ("stage1", "base", lambda c: c.update(hidden_act="gelu"), "only LLaMA with SiLU"),
+    # other LLaVAs, which this code would have run as LLaVA-1.5, answering from wrongly prepared images or
+    # failing on an unexpected key: LLaVA-1.6's tiles, a Qwen2 or Mistral language model
+    ("liuhaotian", "", lambda c: c.update(image_aspect_ratio="anyres"), "LLaVA-1.6 anyres are not supported"),
+    ("liuhaotian", "", lambda c: c.update(model_type="llava_mistral"), "a llava_mistral checkpoint; only LLaVA on"),
+    ("published", "", lambda c: c.update(model_type="llava_next"), "a llava_next checkpoint; only LLaVA-1 and"),
+    ("published", "", lambda c: c["text_config"].update(model_type="qwen2"), "a qwen2 language model; only LLaMA")])
 def test_a_config_with_a_bad_value_is_one_line_naming_it(layouts, tmp_path, layout, where, edit, message):
     """Hand-edited or foreign config.json files: each of these was a KeyError, TypeError or ValueError traceback."""
     d, _, _ = layouts
