@@ -348,8 +348,7 @@ def clip_config(d):
 
 
 def liuhaotian_config(d, vision, config_cls, conv_template):
-    if d.get("mm_use_im_start_end") or d.get("mm_patch_merge_type", "flat") != "flat" or str(
-            d.get("image_aspect_ratio")).startswith("anyres"):        # (config_from names the file)
+    if d.get("mm_use_im_start_end") or d.get("mm_patch_merge_type", "flat") != "flat":   # (config_from names the file)
         raise ValueError("image start/end tokens and LLaVA-1.6 anyres are not supported")
     if d.get("model_type", "llava") not in ("llava", "llava_llama", "llama"):    # llava_mistral, llava_mpt ...
         raise ValueError(f"a {d['model_type']} checkpoint; only LLaVA on LLaMA (Vicuna) is supported")

@@ -37,6 +37,17 @@ class LlavaConfig:
     image_aspect_ratio: str = "pad"       # "pad": pad to square first (LLaVA-1.5); anything else: center crop
     conv_template: str = "vicuna_v1"      # the conversation template the model was trained with (data.py)
 
+    def __post_init__(self):              # what the model cannot run is refused here, where checkpoint.py names the
+        L = self.vision.num_hidden_layers  # config file, not at the first image (or never: run wrongly)
+        build_projector(str(self.projector_type), 1, 1)             # a ValueError for a type it does not know
+        if self.vision_feature_select not in ("patch", "cls_patch"):     # (the official encoder raises too)
+            raise ValueError(f"vision_feature_select {self.vision_feature_select!r}: expected patch or cls_patch")
+        if not (isinstance(self.vision_feature_layer, int) and -L - 1 <= self.vision_feature_layer <= L):
+            raise ValueError(f"vision_feature_layer {self.vision_feature_layer!r}: expected a ViT layer, -{L + 1} to "
+                             f"{L}")
+        if str(self.image_aspect_ratio).startswith("anyres"):       # official: anything but pad/anyres crops
+            raise ValueError("image_aspect_ratio anyres (LLaVA-1.6's tiles) is not supported")
+
     @property
     def image_tokens(self):               # LLM positions one image occupies: 576 for CLIP-L/336
         return self.vision.num_patches + (self.vision_feature_select == "cls_patch")

@@ -366,7 +366,12 @@ def test_not_a_checkpoint(layouts, tmp_path, monkeypatch):
     ("stage1", "base", lambda c: c.update(hidden_act="gelu"), "only LLaMA with SiLU"),
     # other LLaVAs, which this code would have run as LLaVA-1.5, answering from wrongly prepared images or
     # failing on an unexpected key: LLaVA-1.6's tiles, a Qwen2 or Mistral language model
-    ("liuhaotian", "", lambda c: c.update(image_aspect_ratio="anyres"), "LLaVA-1.6 anyres are not supported"),
+    ("liuhaotian", "", lambda c: c.update(image_aspect_ratio="anyres"), "anyres (LLaVA-1.6's tiles) is not"),
+    # values the model cannot run: a ValueError traceback at load or at the first image, or run wrongly, silently
+    ("ours", "", lambda c: c.update(projector_type="qformer"), "unknown projector type 'qformer'"),
+    ("ours", "", lambda c: c.update(vision_feature_select="cls"), "vision_feature_select 'cls': expected patch"),
+    ("ours", "", lambda c: c.update(vision_feature_layer=7), "vision_feature_layer 7: expected a ViT layer, -4 to 3"),
+    ("liuhaotian", "", lambda c: c.update(mm_vision_select_layer=-40), "vision_feature_layer -40: expected a ViT layer"),
     ("liuhaotian", "", lambda c: c.update(model_type="llava_mistral"), "a llava_mistral checkpoint; only LLaVA on"),
     ("published", "", lambda c: c.update(model_type="llava_next"), "a llava_next checkpoint; only LLaVA-1 and"),
     ("published", "", lambda c: c["text_config"].update(model_type="qwen2"), "a qwen2 language model; only LLaMA")])
