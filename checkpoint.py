@@ -335,8 +335,9 @@ def of_type(path, types, what):
     """A dir's config.json, refused in one line if it names another kind of model (CLIP and LLM dirs swapped)."""
     need_dirs(path)
     d = read_json(os.path.join(path, "config.json"))
-    if d.get("model_type", types[0]) not in types:
-        raise CheckpointError(f"{path}: a {d['model_type']} checkpoint, not {what}")
+    kind = "llava" if d.get("format") == "llava-from-scratch" else d.get("model_type", types[0])   # ours has none
+    if kind not in types:               # (ours read as a LLaMA config: 7B defaults, "needs 25 GiB")
+        raise CheckpointError(f"{path}: a {kind} checkpoint, not {what}")
     return d
 
 

@@ -354,6 +354,11 @@ def test_not_a_checkpoint(layouts, tmp_path, monkeypatch):
         load_components(Llava, d["clip"], d["base"])
     with pytest.raises(CheckpointError, match=f"^{re.escape(d['base'])}: a llama checkpoint, not a CLIP"):
         load_components(Llava, d["base"], d["base"])
+    # a whole LLaVA of ours in either place: was read as a 7B LLaMA config ("needs 25 GiB") or an unexpected key
+    with pytest.raises(CheckpointError, match=f"^{re.escape(d['ours'])}: a llava checkpoint, not a LLaMA"):
+        load_components(Llava, d["ours"], d["clip"])
+    with pytest.raises(CheckpointError, match=f"^{re.escape(d['ours'])}: a llava checkpoint, not a CLIP"):
+        load_components(Llava, d["base"], d["ours"])
 
 
 @pytest.mark.parametrize("layout,where,edit,message", [
