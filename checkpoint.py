@@ -434,9 +434,9 @@ def load_llava(cls, path, vision_tower=None, dtype=None, device=None, model_base
         elif projector:                    # on top of a base LLM: stage 1 (trained with `plain`) or LoRA
             base = find_dir(model_base or d.get("_name_or_path"), path, "base LLM", "model_base")
             mm = {k: v for k, v in d.items() if k.startswith(("mm_", "image_"))}
-            vision, base_cfg = clip_config(clip), os.path.join(base, "config.json")
-            cfg = config_from(base_cfg, lambda: liuhaotian_config(read_json(base_cfg) | mm, vision, LlavaConfig,
-                                                                  "vicuna_v1" if lora else "plain"))
+            vision, base_cfg = clip_config(clip), of_type(base, ("llama",), "a LLaMA (the base LLM)")
+            cfg = config_from(os.path.join(base, "config.json"), lambda: liuhaotian_config(
+                base_cfg | mm, vision, LlavaConfig, "vicuna_v1" if lora else "plain"))
             sources = [(weight_files(base), liuhaotian_key), (projector, liuhaotian_key)]
         else:
             raise CheckpointError(f"{path}: no weights (no model files and no mm_projector.bin)")
