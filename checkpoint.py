@@ -612,7 +612,11 @@ def load_snapshot(path, model, opt, scaler, config: dict, defaults: dict):
     params = dict(model.named_parameters())
     for n, t in state["trainable"].items():
         params[n].data.copy_(t)
-    opt.load_state_dict(state["optimizer"])
+    try:
+        opt.load_state_dict(state["optimizer"])
+    except ValueError:            # (before weight decay left biases and norm gains out, the groups were others)
+        raise CheckpointError(f"{path}: cannot resume from it (its optimizer has other parameter groups: an older "
+                              f"train.py wrote it, which can finish the run)") from None
     scaler.load_state_dict(state["scaler"])
     rng = state["rng"]
     torch.set_rng_state(rng["torch"])

@@ -140,6 +140,7 @@ def pretrain_clip(out, tok, steps=CLIP_STEPS, batch=CLIP_BATCH, lr=3e-4, seed=0,
     tcfg = llama.LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
     model = TinyCLIP(vcfg, tcfg, vcfg.projection_dim)
+    # decay on every weight, gains and biases too (train.py spares them): the recipe of every draw in FINDINGS.md
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     groups = [list(shapes.COLORS), shapes.SHAPES, list(shapes.SIZES), shapes.CELLS]   # one word group per attribute
     word_ids = [pad([tok.encode(w) + [tok.eos_id] for w in group], tok.pad_id) for group in groups]   # once

@@ -66,7 +66,7 @@ class TrainConfig:
     projector_type: str = "mlp2x_gelu"             # LLaVA-1.5's two-layer MLP; linear is LLaVA-1's
     lr: float = 1e-3                               # the peak lr: the projector's, the LLM's (stage 2), LoRA's
     projector_lr: float = 0.0                      # 0: the same as lr (llava-1.5 --lora: 2e-5, finetune_lora.sh)
-    weight_decay: float = 0.0                      # AdamW's, on every trained weight
+    weight_decay: float = 0.0                      # AdamW's, on trained matrices (not biases, norm gains)
     warmup_ratio: float = 0.03                     # share of the steps with the lr rising linearly from 0
     hold_ratio: float = 0.0                        # share of the steps at the peak lr before the decay (0: cosine)
     epochs: float = 1.0                            # passes over `data`; a fraction stops partway
@@ -147,13 +147,15 @@ def fp32_masters(model):           # trainable weights keep fp32 masters, which 
 
 
 def make_optimizer(model, cfg, device):
-    proj = [p for p in model.mm_projector.parameters() if p.requires_grad]
-    rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("mm_projector.")]
-    groups = [dict(params=rest, lr=cfg.lr), dict(params=proj, lr=cfg.projector_lr or cfg.lr)]
-    for g in groups:
-        g["base_lr"] = g["lr"]
+    """AdamW; the projector at its own lr (--projector-lr), weight decay on matrices only: not on biases and norm
+    gains, as HF's Trainer leaves them out for the official runs (and nanoGPT: p.dim() >= 2)."""
+    groups = []
+    for proj, lr in ((False, cfg.lr), (True, cfg.projector_lr or cfg.lr)):
+        ps = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("mm_projector.") == proj]
+        groups += [dict(params=[p for p in ps if p.dim() >= 2], lr=lr, base_lr=lr, weight_decay=cfg.weight_decay),
+                   dict(params=[p for p in ps if p.dim() < 2], lr=lr, base_lr=lr, weight_decay=0.0)]
     return torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.999), eps=1e-8,
-                             weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+                             fused=device.type == "cuda")
 
 
 def lr_factor(step, total, warmup_ratio, hold_ratio=0.0):

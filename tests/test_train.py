@@ -552,6 +552,40 @@ def test_stage_2_from_a_released_projector_takes_the_base_and_vision_tower_as_fl
         assert torch.equal(merged(ids, img), adapter(ids, img))
 
 
+def test_weight_decay_shrinks_matrices_only_as_the_official_runs(tiny):
+    """HF's Trainer, which the official runs use, and nanoGPT decay no bias and no norm gain; this decayed every
+    trained weight. One AdamW step on zero gradients is the decay alone: matrices shrink by 1 - lr x wd."""
+    cfg = train.parse_args(args(tiny, 2, "decay", lr=0.1, weight_decay=0.5, projector_lr=0.2))
+    model = train.build_model(cfg, torch.device("cpu"), torch.float32)
+    opt = train.make_optimizer(model, cfg, torch.device("cpu"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert {p.dim() for p in before.values()} == {1, 2}          # biases and RMSNorm gains learn too
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    opt.step()
+    for n, p in model.named_parameters():
+        if n in before:
+            lr = 0.2 if n.startswith("mm_projector.") else 0.1
+            assert torch.equal(p, before[n] * (1 - lr * 0.5) if p.dim() >= 2 else before[n]), n
+
+
+def test_a_snapshot_whose_optimizer_has_other_groups_is_refused_in_one_line(tiny, capsys):
+    """As an older train.py wrote them (one group for the projector, before the biases left the decay): it was a
+    ValueError traceback from the optimizer."""
+    assert train.main(args(tiny, 1, "groups", max_steps=2, stop_after=1)) == 130
+    ckpt = tiny / "ckpt" / "groups" / "ckpt.pt"
+    state = torch.load(ckpt, weights_only=False)
+    groups = state["optimizer"]["param_groups"]
+    state["optimizer"]["param_groups"] = [groups[0] | dict(params=[i for g in groups for i in g["params"]])]
+    torch.save(state, ckpt)
+    capsys.readouterr()
+    assert train.main(args(tiny, 1, "groups", max_steps=2, resume=True)) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (f"error: {ckpt}: cannot resume from it (its optimizer has "
+                                                        "other parameter groups: an older train.py wrote it, which "
+                                                        "can finish the run)")
+
+
 def test_a_damaged_or_foreign_snapshot_is_refused_in_one_line(tiny, capsys):
     assert train.main(args(tiny, 1, "damaged", max_steps=2, stop_after=1)) == 130
     ckpt = tiny / "ckpt" / "damaged" / "ckpt.pt"
