@@ -544,8 +544,8 @@ def write_llava_config(model, directory, model_base, vision_tower, **extra):
 def save_snapshot(path, model, opt, scaler, step, metrics, config: dict, finished=False):
     """Everything train.py needs to continue exactly: trainable weights, optimizer, loss scaler, step (which
     fixes the data position), RNG states, the records so far; written atomically. `finished`: the last step's."""
-    state = dict(step=step, config=config, metrics=metrics, optimizer=opt.state_dict(), scaler=scaler.state_dict(),
-                 finished=finished,
+    state = dict(step=step, finished=finished, config=config, metrics=metrics, optimizer=opt.state_dict(),
+                 scaler=scaler.state_dict(),
                  trainable={n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
                  rng=dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
                           cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))

@@ -37,8 +37,10 @@ class LlavaConfig:
     image_aspect_ratio: str = "pad"       # "pad": pad to square first (LLaVA-1.5); anything else: center crop
     conv_template: str = "vicuna_v1"      # the conversation template the model was trained with (data.py)
 
-    def __post_init__(self):              # what the model cannot run is refused here, where checkpoint.py names the
-        L = self.vision.num_hidden_layers  # config file, not at the first image (or never: run wrongly)
+    def __post_init__(self):
+        # what the model cannot run is refused here, where checkpoint.py names the config file in one line, not at
+        # the first image (or never: run wrongly)
+        L = self.vision.num_hidden_layers
         build_projector(str(self.projector_type), 1, 1)             # a ValueError for a type it does not know
         if self.vision_feature_select not in ("patch", "cls_patch"):     # (the official encoder raises too)
             raise ValueError(f"vision_feature_select {self.vision_feature_select!r}: expected patch or cls_patch")

@@ -405,9 +405,9 @@ def _train(cfg: TrainConfig, closing):
             scaler.unscale_(opt)                # the norm before clipping (inf: no clipping) goes into metrics.json
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or float("inf"))
             if not (scaler.is_enabled() or torch.isfinite(grad_norm)):    # (fp16's scaler skips such a step itself)
+                again = f"delete {ckpt_path} and " * os.path.exists(ckpt_path) + "run again with a lower --lr"
                 raise Diverged(f"step {step + 1}: the gradient norm is {grad_norm.item()}: the run has diverged; "
-                               f"stopped before the update, so the snapshots so far hold none of it (delete "
-                               f"{ckpt_path} and run again with a lower --lr)")
+                               f"stopped before the update, so the snapshots so far hold none of it ({again})")
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
