@@ -135,6 +135,9 @@ class VisionTransformer(nn.Module):
         L = self.cfg.num_hidden_layers
         if not -L - 1 <= layer <= L:
             raise ValueError(f"feature layer {layer} out of range for a {L}-layer ViT")
+        if pixels.shape[-2:] != (S := self.cfg.image_size, S):      # (the position table would fail, cryptically)
+            raise ValueError(f"images of {tuple(pixels.shape[-2:])} pixels; this vision tower takes {S} x {S} "
+                             f"(data.process_image makes them)")
         x = self.pre_layrnorm(self.embeddings(pixels.to(self.embeddings.patch_embedding.weight.dtype)))
         for block in self.encoder.layers[:layer % (L + 1)]:    # blocks past the selected layer are never run
             x = block(x, need_weights)

@@ -59,6 +59,13 @@ def test_out_of_range_layer_is_an_error(pair):
         pair[1](torch.randn(1, 3, 28, 28), layer=5)
 
 
+def test_images_of_another_size_are_an_error_that_says_so(pair):
+    ours = pair[1]                                 # was "The size of tensor a (5) must match the size of tensor b (10)"
+    S = ours.cfg.image_size
+    with pytest.raises(ValueError, match=rf"^images of \(20, 20\) pixels; this vision tower takes {S} x {S} "):
+        ours(torch.randn(1, 3, 20, 20))
+
+
 def test_hf_keys_map_and_text_tower_is_skipped():
     assert hf_key("vision_model.encoder.layers.3.mlp.fc1.weight") == "encoder.layers.3.mlp.fc1.weight"
     assert hf_key("embeddings.class_embedding") == "embeddings.class_embedding"      # transformers-5 layout
