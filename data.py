@@ -78,6 +78,7 @@ def process_image(img, size=336, aspect="pad", mean=CLIP_MEAN, std=CLIP_STD):
 
     aspect="pad" (LLaVA-1.5 stage 2 and inference) first pads to a square, so nothing is cut off; any other
     value (stage 1, which never sets image_aspect_ratio) center-crops the long side away."""
+    img = img if img.mode == "RGB" else img.convert("RGB")     # (RGBA, L, P ...: CLIPImageProcessor converts too)
     if aspect == "pad":
         # the fill is the mean colour truncated to int: (122, 116, 104), which normalises to about 0
         img = expand2square(img, tuple(int(m * 255) for m in mean))

@@ -212,6 +212,14 @@ def test_pixels_equal_transformers_image_processors(tmp_path, name, aspect):
     assert (got - ref).abs().max() == 0
 
 
+@pytest.mark.parametrize("name", ["rgba", "palette", "grey"])
+def test_an_image_not_in_rgb_given_straight_to_process_image_is_converted_as_load_image_would(name):
+    """An image opened by hand (Image.open, not load_image) in RGBA, P or L mode was an "axes don't match array"
+    ValueError or an index error; CLIPImageProcessor converts it to RGB, and so does process_image now."""
+    img = images()[name]
+    assert torch.equal(process_image(img, 28, "pad"), process_image(img.convert("RGB"), 28, "pad"))
+
+
 def test_16_bit_grey_keeps_its_top_8_bits(tmp_path):
     # convert("RGB") clips 16-bit values at 255, so this gradient would be read as a white image
     grey = np.arange(0, 65536, 256, dtype=np.uint16).reshape(16, 16)
