@@ -126,8 +126,9 @@ class Tokenizer:
                 ids.extend(self.sp.encode(piece))
         return ids
 
-    def decode(self, ids):                # special tokens and image placeholders are skipped
-        return self.sp.decode([i for i in ids if i >= 0 and i not in self.special.values()])
+    def decode(self, ids):     # special tokens, image placeholders and ids past the tokenizer (a vocabulary padded
+        n = len(self)          # to 32064, as llava-hf's: no text; sentencepiece raised IndexError) are skipped
+        return self.sp.decode([i for i in ids if 0 <= i < n and i not in self.special.values()])
 
 
 def tokenizer_image_token(prompt, tok, images=-1):

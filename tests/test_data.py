@@ -160,6 +160,14 @@ def test_inference_prompts():
     assert CONV_TEMPLATES["plain"].prompt(["<image>\nDescribe.", None]) == "<image>"
 
 
+def test_decode_skips_ids_past_the_tokenizer(llama_tok):
+    """llava-hf's LLaVA-1.5 pads its vocabulary to 32064 rows (<image>, <pad>, 62 more) over the 32000-piece
+    tokenizer.model: a sampled id there was an IndexError traceback in chat.py; it has no text (HF's decode with
+    skip_special_tokens, as the official eval calls it, skips <image> and <pad> too)."""
+    hi = llama_tok.encode("Hi there", bos=False)
+    assert len(llama_tok) == 32000 and llama_tok.decode(hi[:1] + [32000, 32001, 32063] + hi[1:]) == "Hi there"
+
+
 def test_text_that_is_not_valid_unicode_is_encoded_not_a_crash(llama_tok):
     """A bad byte on stdin or in argv (Python keeps it as a lone surrogate) or a broken emoji in a JSON file
     ("\\ud83d" alone, as web-scraped text has) made sentencepiece raise a RuntimeError: chat.py's traceback, and a
