@@ -256,6 +256,13 @@ def ensure(out):
     samples, so a stage 2 of 250 steps instead of 2,496)."""
     from data import DataError
     if not os.path.exists(os.path.join(out, "instruct.json")):
+        # made where it is missing (a fresh clone, a world cut short), but not among other files: `train.py --stage
+        # 0 --data <a real dataset>` would have written 376 MB of shapes into that dataset's directory
+        names = set(os.listdir(out)) if os.path.isdir(out) else set()
+        if foreign := sorted(n for n in names - {"images", "pretrain.json", "eval.jsonl", "corpus.txt", "world.json"}
+                             if not n.startswith("tokenizer.")):
+            raise DataError(f"{out}: not a Shapes world, and it holds other files ({foreign[0]}); the world goes in a "
+                            f"directory of its own: python data.py shapes --out DIR")
         return generate(out)
     try:
         with open(os.path.join(out, "world.json")) as f:

@@ -63,6 +63,26 @@ def test_train_refuses_a_world_another_shapes_py_made(world, tmp_path, monkeypat
                                            "make it again: python data.py shapes --out data/shapes\n")
 
 
+def test_the_world_is_not_made_among_other_files(tmp_path, monkeypatch, capsys):
+    """`train.py --stage 0 --data <a real dataset's json>` made the 376 MB Shapes world in that dataset's directory.
+    A directory of other files is refused; one that holds only a world cut short (or nothing) is made again."""
+    import shapes
+    import train
+    made = []
+    monkeypatch.setattr(shapes, "generate", lambda out: made.append(out) or out)     # (the real one takes 16 s)
+    real, partial = tmp_path / "LLaVA-Pretrain", tmp_path / "partial"
+    real.mkdir()
+    (real / "blip_laion_cc_sbu_558k.json").write_text("[]")
+    (partial / "images" / "pretrain").mkdir(parents=True)
+    (partial / "tokenizer.extra.txt").write_text("")
+    assert train.main(["--stage", "0", "--data", str(real / "blip_laion_cc_sbu_558k.json")]) == 2
+    assert capsys.readouterr().err == (f"error: {real}: not a Shapes world, and it holds other files "
+                                       "(blip_laion_cc_sbu_558k.json); the world goes in a directory of its own: "
+                                       "python data.py shapes --out DIR\n")
+    assert os.listdir(real) == ["blip_laion_cc_sbu_558k.json"] and made == []
+    assert shapes.ensure(str(partial)) == str(partial) and shapes.ensure(str(tmp_path / "new")) and len(made) == 2
+
+
 def test_a_world_remade_and_cut_short_is_refused(world, tmp_path):
     """Ctrl-C while `data.py shapes` remakes a world over a whole one left the old world.json, which stamped a mix
     of old and new files as whole; now it is removed first, and Ctrl-C is one line and exit 130."""
