@@ -311,7 +311,14 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = (p := build_parser()).parse_args(argv)
+    given = {k for k, v in vars(args).items() if v != p.get_default(k)}     # a flag the run would ignore: refused
+    ignored = sorted(given - {"load", "vision_tower"} if args.load else given & {"vision_tower"} | (
+        given & {"train_batch", "grad_checkpointing", "lora"} if args.only == "inference" else set()))
+    if ignored:
+        p.error(f"--{ignored[0].replace('_', '-')}: " + ("--load measures loading alone, in bf16 on the CPU"
+                if args.load else "only --load reads it" if ignored[0] == "vision_tower" else
+                "--only inference trains nothing"))
     if args.load:
         return bench_load(args.load, args.vision_tower)
     try:                                        # an unwritable --out fails now, not after the whole benchmark

@@ -147,3 +147,16 @@ def test_a_config_too_large_for_the_device_is_one_line_before_anything_is_alloca
                                            f"torch.float32 ({who}); cpu has 0.0 GiB free\n")
         assert json.load(open(out))["results"] == {}          # written: the configs before it would be in it
     assert bench.free_memory(torch.device("cpu")) > 2**20     # the real one reads this machine
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--load", "models/shapes-llava", "--dtype", "float16"], "--dtype: --load measures loading alone, in bf16"),
+    (["--load", "models/shapes-llava", "--out", "x.json"], "--out: --load measures loading alone"),   # none written
+    (["--vision-tower", "models/shapes-clip"], "--vision-tower: only --load reads it"),
+    (["--only", "inference", "--lora"], "--lora: --only inference trains nothing")])
+def test_a_flag_the_run_would_ignore_is_refused(argv, says, capsys):
+    """Each ran without it, silently: --load measured a bf16 load whatever --dtype said and wrote no --out."""
+    import bench
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    assert e.value.code == 2 and f": error: {says}" in capsys.readouterr().err.splitlines()[-1]
