@@ -495,7 +495,8 @@ def parse_args(argv=None):
     if stage == 0 and args.preset != "shapes":
         p.error(f"--preset {args.preset} has no stage 0 (the Shapes world's CLIP and LLaMA)")
     stage0_reads = ["data", "model_base", "vision_tower", "seed", "ckpt_dir", "resume", "stop_after"]   # stage0.main
-    unread = dict.fromkeys(("lora_r", "lora_alpha", "lora_dropout") * (not cfg.lora), "only with --lora") | {
+    unread = dict.fromkeys(("lora_r", "lora_alpha", "lora_dropout") * (not cfg.lora), "only with --lora") | (
+        dict(val_samples="--val-data is the validation set: nothing is held out") if cfg.val_data else {}) | {
         0: dict.fromkeys(set(over) - {"stage", *stage0_reads}, "stage 0 reads only " + ", ".join(
             "--" + k.replace("_", "-") for k in stage0_reads)),
         1: dict(projector="stage 1 trains a new projector (into --out)"),

@@ -43,6 +43,8 @@ def args(root, stage, name=None, **over):
              data=root / "world" / ("pretrain.json" if stage == 1 else "instruct.json"), batch_size=8, micro_batch=4,
              val_samples=8, num_workers=0, eval_every=0, lr=1e-3) | (dict(projector=root / "stage1") if stage == 2
                                                                       else {}) | over
+    if "val_data" in over and "val_samples" not in over:
+        del a["val_samples"]                       # (refused with --val-data: nothing is held out then)
     flags = []
     for k, v in a.items():
         flags += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
@@ -453,6 +455,8 @@ def test_help_shows_what_each_flag_is_and_the_default_this_preset_and_stage_woul
     (["--stage", "1", "--projector", "models/x"], "--projector: stage 1 trains a new projector (into --out)"),
     (["--stage", "2", "--projector-type", "linear"], "--projector-type: stage 2 trains the projector in --projector"),
     (["--stage", "2", "--lora-r", "8"], "--lora-r: only with --lora"),
+    (["--val-data", "v.json", "--val-samples", "50"], "--val-samples: --val-data is the validation set: nothing is "
+                                                      "held out"),
 ])
 def test_a_flag_the_stage_does_not_read_is_refused_not_ignored(argv, says, capsys):
     """`--stage 0 --max-steps 10` ran all of stage 0's 1,000 steps; --lora-r without --lora trained the whole LLM."""
