@@ -461,7 +461,8 @@ def merge_adapters(model, path):
     """Fold a LoRA dir's PEFT adapters into the loaded weights, W += (alpha / r) B A, as the official loader's
     merge_and_unload (keys: base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight)."""
     a = read_json(os.path.join(path, "adapter_config.json"))
-    if a.get("use_rslora") or a.get("use_dora") or not {"r", "lora_alpha"} <= set(a):
+    if a.get("use_rslora") or a.get("use_dora") or a.get("rank_pattern") or a.get("alpha_pattern") or not {
+            "r", "lora_alpha"} <= set(a):     # (per-module ranks or alphas: one alpha / r would scale them wrongly)
         raise CheckpointError(f"{path}/adapter_config.json: only plain LoRA (r, lora_alpha) is supported")
     files = [os.path.join(path, f) for f in ("adapter_model.safetensors", "adapter_model.bin")
              if os.path.exists(os.path.join(path, f))][:1]
@@ -477,7 +478,8 @@ def merge_adapters(model, path):
     params = dict(model.named_parameters())
     for name, ab in pairs.items():
         w = params.get(name)
-        if w is None or len(ab) != 2 or (ab["B"].shape[0], ab["A"].shape[1]) != tuple(w.shape):
+        if w is None or len(ab) != 2 or (ab["B"].shape[0], ab["A"].shape[1]) != tuple(w.shape) or {
+                ab["A"].shape[0], ab["B"].shape[1]} != {a["r"]}:       # (a rank other than r: alpha / r is wrong)
             raise CheckpointError(f"{files[0]}: adapter for {name} does not fit the model")
         delta = (ab["B"].float() @ ab["A"].float()) * (a["lora_alpha"] / a["r"])      # (out, in), as lora.py
         w.data = (w.data.float() + delta.to(w.device)).to(w.dtype)

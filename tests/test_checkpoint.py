@@ -85,6 +85,17 @@ def test_an_adapter_that_does_not_fit_the_model_is_one_line(layouts, tmp_path):
     with pytest.raises(CheckpointError, match=r"adapter_model\.bin: adapter for language_model\.model\.layers\.5\."
                                              r"self_attn\.q_proj\.weight does not fit the model"):
         Llava.from_pretrained(lora, model_base=d["base"], device="cpu")
+    # a rank other than the config's r, and PEFT's per-module ranks or alphas: one alpha / r scaled them wrongly,
+    # silently
+    lora = write_lora(hf_llava(), str(tmp_path / "rank"), d["clip"], {"model.layers.0.self_attn.q_proj.weight": (
+        torch.zeros(4, 64), torch.zeros(64, 4))}, r=2, alpha=4)
+    with pytest.raises(CheckpointError, match=r"q_proj\.weight does not fit the model"):
+        Llava.from_pretrained(lora, model_base=d["base"], device="cpu")
+    cfg = json.load(open(os.path.join(lora, "adapter_config.json")))
+    for pattern in ("rank_pattern", "alpha_pattern"):
+        json.dump(cfg | {pattern: {"q_proj": 4}}, open(os.path.join(lora, "adapter_config.json"), "w"))
+        with pytest.raises(CheckpointError, match=r"adapter_config\.json: only plain LoRA \(r, lora_alpha\)"):
+            Llava.from_pretrained(lora, model_base=d["base"], device="cpu")
 
 
 def test_layout_configs(layouts):
