@@ -533,9 +533,11 @@ def main(argv=None):
     if model is not None:                          # rank 0 writes the result
         try:
             export(model, cfg, model.tokenizer_path)
-        except CheckpointError as e:               # a full disk, say: the final snapshot stays, --resume writes again
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        except (CheckpointError, KeyboardInterrupt) as e:    # a full disk, Ctrl-C: the final snapshot has it all
+            stopped = isinstance(e, KeyboardInterrupt)
+            print(("interrupted while writing the model" if stopped else f"error: {e}") + f"; the trained run is in "
+                  f"{run_dirs(cfg)[1]}: the same command with --resume writes the model again", file=sys.stderr)
+            return 130 if stopped else 2
         m = model.metrics
         val = f"validation {m['val'][-1]['loss']:.4f}" if m["val"] else "no validation set"
         print(f"stage {cfg.stage} done: {len(m['train'])} steps, final loss {m['train'][-1]['loss']:.4f}, {val}; "

@@ -332,6 +332,28 @@ def test_a_full_disk_keeps_the_last_snapshot_and_leaves_no_half_file(tiny, monke
     assert train.main(flags + ["--resume"]) == 0 and len(metrics(tiny, "full-disk")["train"]) == 6
 
 
+def test_a_model_that_cannot_be_written_at_the_end_is_written_by_resume(tiny, monkeypatch, capsys):
+    """A full disk, or Ctrl-C, while the trained model is written (a 7B model is 13 GB): one line that says the run
+    is kept and how to write it (Ctrl-C was a KeyboardInterrupt traceback); --resume writes it, training nothing."""
+    from checkpoint import CheckpointError
+    flags, ckpt = args(tiny, 1, "unwritten", max_steps=2), tiny / "ckpt" / "unwritten"
+
+    def full_disk(*a):
+        raise CheckpointError("x/mm_projector.bin: cannot write (No space left on device)")
+
+    def ctrl_c(*a):
+        raise KeyboardInterrupt
+    for fails, code, said in [(full_disk, 2, "error: x/mm_projector.bin: cannot write (No space left on device)"),
+                              (ctrl_c, 130, "interrupted while writing the model")]:
+        monkeypatch.setattr(train, "export", fails)
+        assert train.main(flags + ["--resume"] * (code == 130)) == code        # (the second: the run is done)
+        assert capsys.readouterr().err.splitlines()[-1] == (f"{said}; the trained run is in {ckpt}: the same command "
+                                                            "with --resume writes the model again")
+    monkeypatch.undo()
+    assert train.main(flags + ["--resume"]) == 0 and (tiny / "unwritten" / "mm_projector.bin").exists()
+    assert len(metrics(tiny, "unwritten")["train"]) == 2                  # no step run again
+
+
 def test_a_diverged_run_stops_before_the_nan_reaches_the_weights(tiny, capsys):
     """An lr far too high: the loss and gradient went NaN at step 2, and the run went on to the end, overwrote each
     snapshot with NaN weights and exported a NaN model, exit 0. Now it stops before the update; the snapshot of
