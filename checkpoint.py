@@ -660,3 +660,7 @@ if __name__ == "__main__":
     except CheckpointError as e:                   # a damaged file, a full disk: each file is replaced whole or not
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:                      # the same: each file is whole, in fp16 or as it was
+        print("interrupted: each file is whole, in fp16 or as it was; the same command finishes the rest",
+              file=sys.stderr)
+        sys.exit(130)

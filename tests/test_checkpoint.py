@@ -456,3 +456,21 @@ def test_half_refuses_a_missing_directory_before_changing_any(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr == (f"error: {tmp_path / 'damaged' / 'model.safetensors'}: truncated or not "
                                               f"a safetensors file (7 bytes)\n"), r.stderr
+
+
+def test_ctrl_c_in_half_is_one_line_and_leaves_each_file_whole(tmp_path, monkeypatch, capsys):
+    """It was a KeyboardInterrupt traceback; the file being written stays as it was (replaced whole or not at all)."""
+    import runpy
+    write_safetensors({"w": torch.ones(2)}, str(tmp_path / "model.safetensors"))
+
+    def ctrl_c(*a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(os, "replace", ctrl_c)                 # Ctrl-C as the fp16 file would take its name
+    monkeypatch.setattr(sys, "argv", ["checkpoint.py", "half", str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(ROOT, "checkpoint.py"), run_name="__main__")
+    assert e.value.code == 130 and capsys.readouterr().err == ("interrupted: each file is whole, in fp16 or as it was; "
+                                                                "the same command finishes the rest\n")
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["model.safetensors"]
+    assert dict(read_safetensors(str(tmp_path / "model.safetensors")))["w"].dtype == torch.float32
