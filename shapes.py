@@ -260,7 +260,7 @@ def ensure(out):
         # 0 --data <a real dataset>` would have written 376 MB of shapes into that dataset's directory
         names = set(os.listdir(out)) if os.path.isdir(out) else set()
         if foreign := sorted(n for n in names - {"images", "pretrain.json", "eval.jsonl", "corpus.txt", "world.json"}
-                             if not n.startswith("tokenizer.")):
+                             if not n.startswith(("tokenizer.", "."))):     # (.DS_Store and the like)
             raise DataError(f"{out}: not a Shapes world, and it holds other files ({foreign[0]}); the world goes in a "
                             f"directory of its own: python data.py shapes --out DIR")
         return generate(out)

@@ -75,6 +75,7 @@ def test_the_world_is_not_made_among_other_files(tmp_path, monkeypatch, capsys):
     (real / "blip_laion_cc_sbu_558k.json").write_text("[]")
     (partial / "images" / "pretrain").mkdir(parents=True)
     (partial / "tokenizer.extra.txt").write_text("")
+    (partial / ".DS_Store").write_text("")                                  # (a file browser's)
     assert train.main(["--stage", "0", "--data", str(real / "blip_laion_cc_sbu_558k.json")]) == 2
     assert capsys.readouterr().err == (f"error: {real}: not a Shapes world, and it holds other files "
                                        "(blip_laion_cc_sbu_558k.json); the world goes in a directory of its own: "
