@@ -574,11 +574,15 @@ def fingerprint(named_tensors):
     return h.hexdigest()
 
 
-def refuse_overwrite(path):
-    """A run started afresh (no --resume) writes its first snapshot over the one at `path`: if that run had not
-    finished, its hours are lost to a forgotten --resume. Refused in one line. A finished run's snapshot may be
-    overwritten, and so may one that cannot be read (it could not be resumed either) or one from before snapshots
-    said whether they finished."""
+def check_start(path, resume):
+    """Before a run (train.py's, stage 0's) loads anything: --resume needs the snapshot at `path`. Without it, a run
+    starts afresh and writes its first snapshot over that one: if that run had not finished, its hours are lost to a
+    forgotten --resume, so that is refused in one line. A finished run's snapshot may be overwritten, and so may one
+    that cannot be read (it could not be resumed either) or one from before snapshots said whether they finished."""
+    if resume:
+        if not os.path.exists(path):
+            raise CheckpointError(f"{path}: no checkpoint to resume from")
+        return
     try:                                           # mmap: the weights and optimizer state are not read
         state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception:                              # none there, damaged, or not a zip-format torch file

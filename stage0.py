@@ -28,8 +28,7 @@ from tqdm import tqdm
 import llama
 import shapes
 import vit
-from checkpoint import (CheckpointError, read_snapshot, refuse_overwrite, replacing, text_sha1, write_json,
-                        write_safetensors)
+from checkpoint import check_start, read_snapshot, replacing, text_sha1, write_json, write_safetensors
 from data import Tokenizer, process_image, writable_dir
 
 CLIP_STEPS, CLIP_BATCH, LLM_STEPS, LLM_BATCH = 600, 128, 400, 32     # what `train.py --stage 0` runs
@@ -47,12 +46,9 @@ class Snapshots:
     def __init__(self, path, settings, resume, stop_after, clip_steps):
         self.path, self.settings, self.stop_after, self.clip_steps = path, settings, stop_after, clip_steps
         self.stop, self.state, self.extra = [], None, {}        # stop: Ctrl-C or SIGTERM came (main's handlers)
+        check_start(path, resume)                               # (a forgotten --resume, say)
         if resume:                                              # damaged, foreign or other settings: one line
-            if not os.path.exists(path):
-                raise CheckpointError(f"{path}: no checkpoint to resume from")
             self.state = read_snapshot(path, {"part", "step", "config"}, "stage 0", settings, {})
-        else:                                                   # a forgotten --resume would overwrite it
-            refuse_overwrite(path)
 
     def restore(self, part, model, opt, rng):
         """(the step to start `part`, "clip" or "llm", from; its last losses), its state restored from the snapshot

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from checkpoint import (CheckpointError, fingerprint, load_components, load_snapshot, need_dirs, refuse_overwrite,
+from checkpoint import (CheckpointError, check_start, fingerprint, load_components, load_snapshot, need_dirs,
                         replacing, save_projector, save_snapshot, text_sha1, write_json)
 from data import CONV_TEMPLATES, DataError, LlavaDataset, Tokenizer, collate, modality_grouped_order, writable_dir
 from lora import apply_lora, merge_lora, save_adapter
@@ -315,10 +315,7 @@ def _train(cfg: TrainConfig, closing):
     A = cfg.batch_size // (cfg.micro_batch * world)          # gradient accumulation steps
     name, ckpt_dir, log_dir = run_dirs(cfg)
     ckpt_path = os.path.join(ckpt_dir, "ckpt.pt")
-    if cfg.resume and not os.path.exists(ckpt_path):
-        raise CheckpointError(f"{ckpt_path}: no checkpoint to resume from")
-    if not cfg.resume:                             # a forgotten --resume would overwrite an unfinished run's
-        refuse_overwrite(ckpt_path)
+    check_start(ckpt_path, cfg.resume)             # before the model loads (a forgotten --resume, say)
 
     model = build_model(cfg, device, amp or torch.float32)
     if model.tokenizer_path is None:
